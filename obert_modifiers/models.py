@@ -130,7 +130,10 @@ def l3_state_dict_from_onnx(onnx_path: str | os.PathLike) -> dict:
 def _l3_config_matches(state: dict) -> None:
     expected = {
         "embeddings.word_embeddings.weight": (L3_CONFIG["vocab_size"], L3_CONFIG["hidden_size"]),
-        "encoder.layer.0.intermediate.dense.weight": (L3_CONFIG["intermediate_size"], L3_CONFIG["hidden_size"]),
+        "encoder.layer.0.intermediate.dense.weight": (
+            L3_CONFIG["intermediate_size"],
+            L3_CONFIG["hidden_size"],
+        ),
     }
     for key, shape in expected.items():
         if key not in state or tuple(state[key].shape) != shape:

@@ -72,7 +72,8 @@ def test_seed_fixes_the_split(tmp_path):
     c = data.prepare("bbc", tmp_path / "c", max_train=100, max_eval=20, seed=8)
     assert a["counts"] == b["counts"] == c["counts"]
     for split in data.SPLITS:
-        assert (tmp_path / "a" / f"{split}.csv").read_bytes() == (tmp_path / "b" / f"{split}.csv").read_bytes()
+        name = f"{split}.csv"
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert (tmp_path / "a" / "test.csv").read_bytes() != (tmp_path / "c" / "test.csv").read_bytes()
 
 

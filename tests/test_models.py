@@ -65,18 +65,13 @@ def test_minilm_l3_matches_onnxruntime(l3_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(l3_dir)
     model = BertModel.from_pretrained(l3_dir).eval()
-    assert sum(p.numel() for n, p in model.named_parameters() if not n.startswith("pooler.")) == pytest.approx(
-        17.2e6, rel=0.01
-    )  # DATA.md: 17.2 M parameters
+    encoder_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("pooler."))
+    assert encoder_params == pytest.approx(17.2e6, rel=0.01)  # DATA.md: 17.2 M parameters
     batch = tokenizer(SENTENCES, padding=True, return_tensors="np")
     session = ort.InferenceSession(str(models.minilm_l3_onnx()), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    outputs = dict(
-        zip(
-            names,
-            session.run(None, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}),
-        )
-    )
+    feed = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    outputs = dict(zip(names, session.run(None, feed), strict=True))
     reference = next(v for v in outputs.values() if v.ndim == 3)  # token embeddings (last hidden state)
     with torch.no_grad():
         hidden = model(
@@ -103,7 +98,13 @@ def test_minilm_l3_is_cached(l3_dir):
 def test_l3_state_dict_names_every_linear():
     state = models.l3_state_dict_from_onnx(models.minilm_l3_onnx())
     for layer in range(3):
-        for linear in ("attention.self.query", "attention.self.key", "attention.self.value",
-                       "attention.output.dense", "intermediate.dense", "output.dense"):
+        for linear in (
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+        ):
             assert f"encoder.layer.{layer}.{linear}.weight" in state
     assert state["encoder.layer.0.intermediate.dense.weight"].shape == (1536, 384)

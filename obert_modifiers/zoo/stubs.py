@@ -1,4 +1,5 @@
-"""SparseZoo v1 model stubs: ``zoo:DOMAIN/SUB_DOMAIN/ARCH[-SUB_ARCH]/FRAMEWORK/REPO/DATASET[-SCHEME]/SPARSE_TAG``.
+"""SparseZoo v1 model stubs:
+``zoo:DOMAIN/SUB_DOMAIN/ARCH[-SUB_ARCH]/FRAMEWORK/REPO/DATASET[-SCHEME]/SPARSE_TAG``.
 
 The grammar is the one of ``sparsezoo.model.utils.STUB_V1_REGEX_EXPR`` (sparsezoo 1.8.1), written
 here without importing sparsezoo (the hub server must start fast). Segment characters are letters,
@@ -47,7 +48,9 @@ class Stub:
         """The stub without ``zoo:``: ``nlp/text_classification/...``."""
         arch = self.architecture + (f"-{self.sub_architecture}" if self.sub_architecture else "")
         data = self.dataset + (f"-{self.training_scheme}" if self.training_scheme else "")
-        return "/".join((self.domain, self.sub_domain, arch, self.framework, self.repo, data, self.sparse_tag))
+        return "/".join(
+            (self.domain, self.sub_domain, arch, self.framework, self.repo, data, self.sparse_tag)
+        )
 
     def __str__(self) -> str:
         return ZOO_PREFIX + self.path

@@ -7,7 +7,9 @@ Written for obert-modifiers; the inputs and the output key match the metric thos
 import datasets
 import numpy as np
 
-_DESCRIPTION = "Accuracy: the fraction (or, with normalize=False, the count) of predictions equal to the references."
+_DESCRIPTION = (
+    "Accuracy: the fraction (or, with normalize=False, the count) of predictions equal to the references."
+)
 _INPUTS = """
 Args:
     predictions: predicted labels (ints).
@@ -21,7 +23,11 @@ Returns:
 
 class Accuracy(datasets.Metric):
     def _info(self):
-        label = datasets.Sequence(datasets.Value("int32")) if self.config_name == "multilabel" else datasets.Value("int32")
+        label = (
+            datasets.Sequence(datasets.Value("int32"))
+            if self.config_name == "multilabel"
+            else datasets.Value("int32")
+        )
         return datasets.MetricInfo(
             description=_DESCRIPTION,
             citation="",
@@ -33,7 +39,9 @@ class Accuracy(datasets.Metric):
         predictions = np.asarray(predictions)
         references = np.asarray(references)
         if predictions.shape != references.shape:
-            raise ValueError(f"accuracy: predictions {predictions.shape} and references {references.shape} differ in shape")
+            raise ValueError(
+                f"accuracy: predictions {predictions.shape} and references {references.shape} differ in shape"
+            )
         correct = predictions == references
         if correct.ndim > 1:  # multilabel: an example counts only if every label matches
             correct = correct.all(axis=tuple(range(1, correct.ndim)))

@@ -7,7 +7,20 @@ accuracy. Computed with scikit-learn and SciPy.
 import datasets
 import numpy as np
 
-TASKS = ("sst2", "mnli", "mnli_mismatched", "mnli_matched", "cola", "stsb", "mrpc", "qqp", "qnli", "rte", "wnli", "hans")
+TASKS = (
+    "sst2",
+    "mnli",
+    "mnli_mismatched",
+    "mnli_matched",
+    "cola",
+    "stsb",
+    "mrpc",
+    "qqp",
+    "qnli",
+    "rte",
+    "wnli",
+    "hans",
+)
 _DESCRIPTION = "GLUE benchmark scores for one task (the configuration name)."
 _INPUTS = """
 Args:

@@ -111,6 +111,8 @@ class SquadV2(datasets.Metric):
         result = summary("", list(exact))
         result.update(summary("HasAns_", [q for q in exact if has_answer[q]]))
         result.update(summary("NoAns_", [q for q in exact if not has_answer[q]]))
-        result["best_exact"], result["best_exact_thresh"] = _best(raw_exact, no_answer_probability, has_answer)
+        result["best_exact"], result["best_exact_thresh"] = _best(
+            raw_exact, no_answer_probability, has_answer
+        )
         result["best_f1"], result["best_f1_thresh"] = _best(raw_f1, no_answer_probability, has_answer)
         return result

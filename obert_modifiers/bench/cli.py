@@ -1,0 +1,121 @@
+"""``obert benchmark DEPLOYMENT_DIR [--engine E]... [--batch-size] [--sequence-length] [--num-cores]
+[--seconds] [--baseline DIR] [--json FILE]``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import typer
+
+BENCH_HELP = (
+    "Benchmark a deployment folder's model.onnx on DeepSparse (if installed) and ONNX Runtime: warm-up, "
+    "then timed calls; prints median / p90 latency, throughput and the speedup against --baseline. "
+    "Timings on a shared machine are indicative only (the 1-minute load average is printed)."
+)
+
+
+def _sequence_length_default(folder: Path) -> int:
+    manifest = folder / "export.json"
+    if manifest.is_file():
+        try:
+            return int(json.loads(manifest.read_text()).get("sequence_length", 128))
+        except (ValueError, TypeError):
+            pass
+    return 128
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("benchmark", help=BENCH_HELP)
+    def benchmark(
+        deployment_dir: Path = typer.Argument(..., help="Deployment folder (holds model.onnx)"),
+        engine: list[str] = typer.Option(
+            ["deepsparse", "onnxruntime"],
+            "--engine",
+            "-e",
+            help="deepsparse and/or onnxruntime (repeat the option)",
+        ),
+        batch_size: int = typer.Option(1, "--batch-size", "-b"),
+        sequence_length: int | None = typer.Option(
+            None, "--sequence-length", "-s", help="[default: export.json's sequence_length, else 128]"
+        ),
+        num_cores: int | None = typer.Option(None, "--num-cores", "-n", help="[default: all cores]"),
+        seconds: float = typer.Option(5.0, "--seconds", "-t", help="Timed seconds per engine"),
+        warmup: float = typer.Option(1.0, "--warmup", "-w", help="Warm-up seconds per engine"),
+        baseline: Path | None = typer.Option(
+            None, "--baseline", help="Reference deployment folder for the speedup column"
+        ),
+        json_path: Path | None = typer.Option(
+            None, "--json", help="Also write the results to this JSON file"
+        ),
+    ) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        from obert_modifiers.bench import BenchmarkError, run_benchmark
+
+        seq = sequence_length or _sequence_length_default(deployment_dir)
+        kwargs = dict(
+            engines=tuple(engine),
+            batch_size=batch_size,
+            sequence_length=seq,
+            num_cores=num_cores,
+            seconds=seconds,
+            warmup_seconds=warmup,
+        )
+        try:
+            results = run_benchmark(deployment_dir, **kwargs)
+            base = run_benchmark(baseline, **kwargs) if baseline is not None else []
+        except BenchmarkError as error:
+            typer.secho(f"obert benchmark: {error}", err=True, fg="red")
+            raise typer.Exit(1) from None
+        base_by_engine = {r.engine: r for r in base if r.ok}
+        base_ort = base_by_engine.get("onnxruntime")
+
+        table = Table(title=f"{deployment_dir} (batch {batch_size}, seq {seq}, cores {num_cores or 'all'})")
+        for column in ("engine", "median ms", "p90 ms", "mean ms", "items/s", "load 1m"):
+            table.add_column(column, justify="right" if column != "engine" else "left")
+        if baseline is not None:
+            table.add_column("speedup (same engine)", justify="right")
+            table.add_column("speedup vs baseline ORT", justify="right")
+        rows = []
+        for result in results:
+            if not result.ok:
+                row = [result.engine, result.status, "", "", "", ""]
+                if baseline is not None:
+                    row += ["", ""]
+                table.add_row(*row)
+                typer.secho(f"{result.engine}: {result.error}", err=True, fg="yellow")
+                rows.append({**result.to_dict()})
+                continue
+            row = [
+                result.engine,
+                f"{result.median_ms:.3f}",
+                f"{result.p90_ms:.3f}",
+                f"{result.mean_ms:.3f}",
+                f"{result.items_per_second:.1f}",
+                "" if result.load_average_1m is None else f"{result.load_average_1m:.2f}",
+            ]
+            record = result.to_dict()
+            if baseline is not None:
+                same = base_by_engine.get(result.engine)
+                speedup = same.median_ms / result.median_ms if same else math.nan
+                vs_ort = base_ort.median_ms / result.median_ms if base_ort else math.nan
+                row += [f"{speedup:.2f}x", f"{vs_ort:.2f}x"]
+                record.update(speedup_same_engine=speedup, speedup_vs_baseline_onnxruntime=vs_ort)
+            table.add_row(*row)
+            rows.append(record)
+        Console(width=140).print(table)
+        if json_path is not None:
+            payload = {
+                "deployment": str(deployment_dir),
+                "baseline": str(baseline) if baseline else None,
+                "results": rows,
+                "baseline_results": [r.to_dict() for r in base],
+            }
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+            typer.echo(f"wrote {json_path}")
+        if not any(r.ok for r in results):
+            raise typer.Exit(1)

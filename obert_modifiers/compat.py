@@ -1,0 +1,495 @@
+"""Named fixes for SparseML 1.8 on the pinned stack (torch 2.13, transformers 4.40, accelerate 0.28,
+datasets 2.18). This is the only place where the project patches SparseML or its dependencies.
+
+Each fix is one function ``fix(module)`` that patches ``module`` in place; its docstring says what
+breaks without it. :func:`apply_all` (called by :mod:`obert_modifiers.registration` when SparseML's
+PyTorch modifiers are imported) schedules every fix lazily with :func:`obert_modifiers._hook.after_import`:
+a fix runs the moment the module it patches finishes importing (at once if it already has), so
+importing SparseML's modifiers does not pull in transformers, datasets or the exporters.
+
+Disable fixes with ``OBERT_COMPAT_DISABLE=name1,name2`` (``all`` disables every one); the tests use
+this to prove that each fix is needed. ``docs/compat.md`` describes each fix for users.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from obert_modifiers import _hook
+
+__all__ = [
+    "DISABLE_ENV",
+    "FIXES",
+    "BUNDLED_METRICS",
+    "METRICS_DIR",
+    "apply_all",
+    "disabled_fixes",
+    "applied_fixes",
+    "qconfig_slots",
+    "grad_sampler_loader",
+    "onnx_dynamo_export",
+    "safetensors_reload",
+    "reload_relative_path",
+    "safetensors_qat_detect",
+    "offline_metrics",
+]
+
+DISABLE_ENV = "OBERT_COMPAT_DISABLE"
+METRICS_DIR = Path(__file__).resolve().parent / "resources" / "metrics"
+# metric names the stock SparseML scripts pass to datasets.load_metric, served from METRICS_DIR
+BUNDLED_METRICS = ("accuracy", "seqeval", "squad", "squad_v2", "glue")
+
+_LOGGER = logging.getLogger(__name__)
+_PATCHED = (
+    "_obert_compat_fixes"  # attribute on a patched function: the fixes applied to it, so each applies once
+)
+# (fix name, module name) pairs applied in this process
+_applied: set[tuple[str, str]] = set()
+_scheduled = False
+
+
+def _patched(function: Any, fix: str) -> bool:
+    return fix in getattr(function, _PATCHED, ())
+
+
+def _mark(wrapper: Any, original: Any, fix: str) -> Any:
+    """Record on ``wrapper`` the fixes already on ``original`` plus ``fix`` (several may stack)."""
+    setattr(wrapper, _PATCHED, (*getattr(original, _PATCHED, ()), fix))
+    return wrapper
+
+
+# --------------------------------------------------------------------------------------------
+# QAT: torch QConfig has __slots__
+# --------------------------------------------------------------------------------------------
+
+
+def qconfig_slots(module: ModuleType) -> None:
+    """QAT: give SparseML QConfig objects that accept its ``quantization_scheme`` attribute.
+
+    Without it: since torch ~2.6 ``torch.ao.quantization.QConfig`` (a namedtuple) declares
+    ``__slots__ = ()``. ``QuantizationScheme.get_qconfig`` then fails on
+    ``qconfig.quantization_scheme = self`` with ``AttributeError: 'QConfig' object has no attribute
+    'quantization_scheme'``: every QAT recipe (``QuantizationModifier``, ``!OBertQuantizationModifier``)
+    fails in training and again at export of a QAT model.
+
+    Patch: ``module._get_qconfig`` (SparseML's QConfig factory in ``quantization_scheme``) returns an
+    instance of a QConfig subclass without ``__slots__`` (it has a ``__dict__``), still a QConfig
+    for every ``isinstance`` check in torch.
+    """
+    original = module._get_qconfig
+    if _patched(original, "qconfig_slots"):
+        return
+
+    @functools.wraps(original)
+    def _get_qconfig(*args: Any, **kwargs: Any) -> Any:
+        qconfig = original(*args, **kwargs)
+        return _qconfig_with_dict(type(qconfig))(*qconfig)
+
+    _mark(_get_qconfig, original, "qconfig_slots")
+    module._get_qconfig = _get_qconfig
+
+
+@functools.cache
+def _qconfig_with_dict(qconfig_type: type) -> type:
+    if "__dict__" in dir(qconfig_type) or not hasattr(qconfig_type, "__slots__"):
+        return qconfig_type
+    # a subclass that does not declare __slots__ gets a per-instance __dict__
+    return type(qconfig_type.__name__, (qconfig_type,), {"__module__": __name__})
+
+
+# --------------------------------------------------------------------------------------------
+# OBS gradient sampler: DataLoader rebuilt from loader.__dict__
+# --------------------------------------------------------------------------------------------
+
+
+def grad_sampler_loader(module: ModuleType) -> None:
+    """OBS / oBERT gradient sampling: build the sampler's loader as a plain torch DataLoader.
+
+    Without it: SparseML's ``RecipeManagerTrainerInterface._data_loader_builder`` (the loader that
+    ``OBSPruningModifier`` and ``!OBertPruningModifier`` draw their gradient batches from) copies
+    the trainer's train loader as ``type(loader)(**loader.__dict__)``. With accelerate the loader is
+    a ``DataLoaderShard``: accelerate 0.28 fails with ``TypeError: DataLoader.__init__() got an
+    unexpected keyword argument 'gradient_state'`` (1.x: ``missing 1 required positional argument:
+    'dataset'``), so OBS pruning cannot start.
+
+    Patch: a ``torch.utils.data.DataLoader`` over the trainer's train dataset (unused columns
+    removed, as the trainer does) with the trainer's collator, ``per_device_train_batch_size`` and
+    shuffling, overridden by the recipe's ``grad_sampler_kwargs`` (e.g. ``batch_size``); it yields
+    ``([], inputs, labels)`` forever, as SparseML's builder does.
+    """
+    interface = module.RecipeManagerTrainerInterface
+    original = interface._data_loader_builder
+    if _patched(original, "grad_sampler_loader"):
+        return
+
+    @functools.wraps(original)
+    def _data_loader_builder(self: Any, kwargs: dict[str, Any] | None = None) -> Iterator[Any]:
+        data_loader = _grad_sampler_data_loader(self, kwargs)
+        while True:  # the sampler draws as many batches as it needs
+            for batch in data_loader:
+                labels = None
+                if self.label_smoother is not None and "labels" in batch:
+                    labels = batch.pop("labels")
+                yield [], self._prepare_inputs(batch), labels
+
+    _mark(_data_loader_builder, original, "grad_sampler_loader")
+    interface._data_loader_builder = _data_loader_builder
+
+
+def _grad_sampler_data_loader(trainer: Any, kwargs: dict[str, Any] | None) -> Any:
+    import datasets
+    from torch.utils.data import DataLoader
+
+    if trainer.train_dataset is None:
+        raise ValueError("gradient sampling needs a train dataset: pass --do_train and a train file")
+    dataset = trainer.train_dataset
+    collator = trainer.data_collator
+    if isinstance(dataset, datasets.Dataset):
+        dataset = trainer._remove_unused_columns(dataset, description="gradient sampling")
+    else:
+        collator = trainer._get_collator_with_removed_columns(collator, description="gradient sampling")
+    options: dict[str, Any] = {
+        "batch_size": trainer.args.per_device_train_batch_size,
+        "shuffle": True,
+        "collate_fn": collator,
+        "num_workers": trainer.args.dataloader_num_workers,
+        "pin_memory": trainer.args.dataloader_pin_memory,
+    }
+    options.update(kwargs or {})
+    return DataLoader(dataset, **options)
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX export: torch 2.13 defaults to the dynamo exporter
+# --------------------------------------------------------------------------------------------
+
+
+def onnx_dynamo_export(module: ModuleType) -> None:
+    """ONNX export: make SparseML's ``torch.onnx.export`` calls use the TorchScript exporter.
+
+    Without it: from torch 2.9 ``torch.onnx.export`` defaults to ``dynamo=True``, which imports
+    ``onnxscript`` (not installed: it needs a newer onnx than DeepSparse's ``onnx<1.15``), so
+    ``sparseml.transformers.export_onnx`` and ``obert export`` fail with ``ModuleNotFoundError: No
+    module named 'onnxscript'``. SparseML's export code (QAT folding, opset 14 graphs) is written for
+    the TorchScript exporter anyway.
+
+    Patch: wrap ``torch.onnx.export`` so that calls made from SparseML's modules (``module`` is one
+    of its exporter modules) get ``dynamo=False`` unless they pass ``dynamo`` themselves; calls from
+    any other code keep torch's default.
+    """
+    import torch.onnx
+
+    original = torch.onnx.export
+    if _patched(original, "onnx_dynamo_export"):
+        return
+
+    @functools.wraps(original)
+    def export(*args: Any, **kwargs: Any) -> Any:
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.split(".")[0] == "sparseml" and "dynamo" not in kwargs:
+            kwargs["dynamo"] = False
+        return original(*args, **kwargs)
+
+    _mark(export, original, "onnx_dynamo_export")
+    torch.onnx.export = export
+
+
+# --------------------------------------------------------------------------------------------
+# Structure reload ignores model.safetensors
+# --------------------------------------------------------------------------------------------
+
+
+def _weight_files(directory: str) -> tuple[list[str], list[str]]:
+    """(pytorch_model*.bin files, model*.safetensors files) in ``directory``."""
+    if not directory or not os.path.isdir(directory):
+        return [], []
+    names = sorted(os.listdir(directory))
+    bins = [os.path.join(directory, n) for n in names if n.startswith("pytorch_model") and n.endswith(".bin")]
+    tensors = [
+        os.path.join(directory, n) for n in names if n.startswith("model") and n.endswith(".safetensors")
+    ]
+    return bins, tensors
+
+
+def safetensors_reload(module: ModuleType) -> None:
+    """Structure reload: read ``model*.safetensors`` when a checkpoint has no ``pytorch_model*.bin``.
+
+    Without it: SparseML's ``Trainer._reload_model_state`` reloads a checkpoint's weights after the
+    saved recipe has restructured the model (QAT wrappers, dropped layers) but looks only for
+    ``pytorch_model*.bin``. transformers 4.40 saves ``model.safetensors`` by default, so the reload
+    logs ``Model state was not reloaded for SparseML: could not find model weights`` and the
+    restructured parameters keep their random initial values: a QAT model exports with random
+    weights (accuracy at chance), silently.
+
+    Patch: when the folder has safetensors files and no ``.bin``, reload from the safetensors files
+    with the same steps as SparseML's method (channel-wise observer shapes, ``_load_pretrained_model``,
+    warnings for missing / unexpected / mismatched keys); ``.bin`` folders take SparseML's own path.
+    """
+    interface = module.RecipeManagerTrainerInterface
+    original = interface._reload_model_state
+    if _patched(original, "safetensors_reload"):
+        return
+
+    @functools.wraps(original)
+    def _reload_model_state(self: Any, load_path: str, orig_state_dict: dict[str, Any]) -> bool:
+        bins, tensors = _weight_files(load_path)
+        if bins or not tensors:
+            return original(self, load_path, orig_state_dict)
+        return _reload_from_safetensors(module, self, load_path, tensors, orig_state_dict)
+
+    _mark(_reload_model_state, original, "safetensors_reload")
+    interface._reload_model_state = _reload_model_state
+
+
+def reload_relative_path(module: ModuleType) -> None:
+    """Structure reload: work when the model folder is given as a relative path.
+
+    Without it: ``Trainer._reload_model_state`` joins the folder onto file paths that already
+    contain it (``os.path.join(load_path, os.path.join(load_path, f))``). With an absolute folder the
+    second join is harmless; with a relative one, e.g. ``--model_name_or_path tiny`` or
+    ``export_onnx --model_path model``, every recipe that restructures the model (QAT, layer
+    pruning) fails with ``FileNotFoundError: [Errno 2] No such file or directory:
+    'tiny/tiny/pytorch_model.bin'`` (found running the stock text-classification script).
+
+    Patch: the method receives the folder as an absolute path.
+    """
+    interface = module.RecipeManagerTrainerInterface
+    original = interface._reload_model_state
+    if _patched(original, "reload_relative_path"):
+        return
+
+    @functools.wraps(original)
+    def _reload_model_state(self: Any, load_path: str, orig_state_dict: dict[str, Any]) -> bool:
+        if load_path and os.path.isdir(load_path):
+            load_path = os.path.abspath(load_path)
+        return original(self, load_path, orig_state_dict)
+
+    _mark(_reload_model_state, original, "reload_relative_path")
+    interface._reload_model_state = _reload_model_state
+
+
+def _reload_from_safetensors(
+    trainer_module: ModuleType,
+    trainer: Any,
+    load_path: str,
+    files: list[str],
+    orig_state_dict: dict[str, Any],
+) -> bool:
+    from safetensors.torch import load_file
+
+    # per-channel observers start with placeholder shapes; size them as saved before loading
+    trainer_module.initialize_channel_wise_scale_zp(trainer.model)
+    current_state_dict = trainer.model.state_dict()
+    if set(orig_state_dict) == set(current_state_dict):
+        return False  # the recipe did not change the structure: from_pretrained loaded everything
+    loaded: dict[str, Any] = {}
+    for path in files:
+        loaded.update(load_file(path, device="cpu"))
+    _, missing, unexpected, mismatched, _, _ = trainer.model._load_pretrained_model(
+        model=trainer.model,
+        state_dict=loaded,
+        loaded_keys=list(loaded),
+        resolved_archive_file=None,
+        pretrained_model_name_or_path=load_path,
+        _fast_init=False,
+    )
+    for label, keys in (("Missing", missing), ("Unexpected", unexpected), ("Mismatched", mismatched)):
+        if keys:
+            _LOGGER.warning(f"{label} keys when reloading model state for the SparseML recipe: {keys}")
+    _LOGGER.info(
+        f"Reloaded {len(current_state_dict) - len(missing)} model params for SparseML Recipe "
+        f"from {load_path} (safetensors)"
+    )
+    trainer_module.log_model_load(
+        trainer.model,
+        trainer.model_state_path,
+        model_type="student" if trainer.teacher else "model",
+        delayed_load=False,
+    )
+    return True
+
+
+def safetensors_qat_detect(module: ModuleType) -> None:
+    """Model load: detect a QAT checkpoint saved as ``model.safetensors`` too.
+
+    Without it: ``SparseAutoModel._loadable_state_dict`` inspects only ``pytorch_model.bin`` to see
+    whether a checkpoint holds QAT state. For a safetensors checkpoint it reports "not QAT", so the
+    load logs the QAT parameters as unexpected / randomly initialized instead of announcing that they
+    will be reloaded once the recipe has been applied (the reload itself is ``safetensors_reload``).
+
+    Patch: when ``pytorch_model.bin`` is absent, read the key names (not the tensors) of the
+    safetensors files and report a delayed QAT load the way SparseML does for ``.bin``.
+    """
+    sparse_auto_model = module.SparseAutoModel
+    original = sparse_auto_model._loadable_state_dict
+    if _patched(original, "safetensors_qat_detect"):
+        return
+
+    @functools.wraps(original)
+    def _loadable_state_dict(model_name_or_path: str) -> tuple[dict[str, Any] | None, bool]:
+        bins, tensors = _weight_files(model_name_or_path)
+        if bins or not tensors:
+            return original(model_name_or_path)
+        from safetensors import safe_open
+
+        keys: list[str] = []
+        for path in tensors:
+            with safe_open(path, framework="pt") as handle:
+                keys.extend(handle.keys())
+        if not any(k.endswith(".zero_point") or k.endswith(".observer_enabled") for k in keys):
+            return None, False
+        _LOGGER.warning(
+            "QAT state detected, ignore any loading errors, weights will reload "
+            f"after SparseML recipes have been applied {model_name_or_path}"
+        )
+        return None, True
+
+    _mark(_loadable_state_dict, original, "safetensors_qat_detect")
+    sparse_auto_model._loadable_state_dict = staticmethod(_loadable_state_dict)
+
+
+# --------------------------------------------------------------------------------------------
+# load_metric("accuracy") reaches the internet
+# --------------------------------------------------------------------------------------------
+
+
+def offline_metrics(module: ModuleType) -> None:
+    """Metrics: serve ``datasets.load_metric("accuracy")`` and friends from bundled scripts.
+
+    Without it: the stock scripts call ``load_metric("accuracy")`` (text classification, masked
+    language modeling), ``load_metric("glue", task)`` (text classification with ``--task_name``),
+    ``load_metric("seqeval")`` (token classification) and ``load_metric("squad"|"squad_v2")``
+    (question answering) even for local data. datasets 2.18 downloads those scripts from GitHub,
+    so offline every run fails with ``OfflineModeIsEnabled: ... Tried to reach
+    https://raw.githubusercontent.com/huggingface/datasets/2.18.0/metrics/accuracy/accuracy.py``
+    (online it makes a network call from a user's training run).
+
+    Patch: ``datasets.load.metric_module_factory`` (``module``) resolves the bare names in
+    :data:`BUNDLED_METRICS` to our own scripts in ``obert_modifiers/resources/metrics/``. A local
+    ``NAME/NAME.py`` or path the user gives still wins, as in datasets.
+    """
+    original = module.metric_module_factory
+    if _patched(original, "offline_metrics"):
+        return
+
+    @functools.wraps(original)
+    def metric_module_factory(path: str, *args: Any, **kwargs: Any) -> Any:
+        if (
+            isinstance(path, str)
+            and path in BUNDLED_METRICS
+            and not os.path.isfile(os.path.join(path, f"{path}.py"))
+        ):
+            path = str(METRICS_DIR / f"{path}.py")
+            kwargs["trust_remote_code"] = True  # our own file, shipped in this package
+        return original(path, *args, **kwargs)
+
+    _mark(metric_module_factory, original, "offline_metrics")
+    module.metric_module_factory = metric_module_factory
+
+
+# --------------------------------------------------------------------------------------------
+# registry and scheduling
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fix:
+    """A named fix and the modules it patches (it runs once per module, when that module is imported)."""
+
+    name: str
+    function: Callable[[ModuleType], None]
+    modules: tuple[str, ...]
+
+    @property
+    def summary(self) -> str:
+        return (self.function.__doc__ or "").strip().splitlines()[0]
+
+
+FIXES: dict[str, Fix] = {
+    fix.name: fix
+    for fix in (
+        Fix(
+            "qconfig_slots",
+            qconfig_slots,
+            (
+                "sparseml.pytorch.sparsification.quantization.quantization_scheme",
+                "sparseml.modifiers.quantization_legacy.utils.quantization_scheme",
+            ),
+        ),
+        Fix("grad_sampler_loader", grad_sampler_loader, ("sparseml.transformers.sparsification.trainer",)),
+        Fix(
+            "onnx_dynamo_export",
+            onnx_dynamo_export,
+            ("sparseml.pytorch.utils.exporter", "sparseml.pytorch.torch_to_onnx_exporter"),
+        ),
+        Fix("safetensors_reload", safetensors_reload, ("sparseml.transformers.sparsification.trainer",)),
+        Fix("reload_relative_path", reload_relative_path, ("sparseml.transformers.sparsification.trainer",)),
+        Fix(
+            "safetensors_qat_detect",
+            safetensors_qat_detect,
+            ("sparseml.transformers.sparsification.sparse_model",),
+        ),
+        Fix("offline_metrics", offline_metrics, ("datasets.load",)),
+    )
+}
+
+
+def disabled_fixes() -> set[str]:
+    """Names listed in ``OBERT_COMPAT_DISABLE`` (``all`` means every fix); warns on unknown names."""
+    names = {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+    if "all" in names:
+        return set(FIXES)
+    unknown = names - set(FIXES)
+    if unknown:
+        warnings.warn(
+            f"{DISABLE_ENV}: unknown fix name(s) {sorted(unknown)}; known fixes: {', '.join(FIXES)}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return names & set(FIXES)
+
+
+def applied_fixes() -> list[tuple[str, str]]:
+    """(fix name, module name) pairs applied so far in this process."""
+    return sorted(_applied)
+
+
+def _runner(fix: Fix, module_name: str) -> Callable[[object], None]:
+    def run(module: object) -> None:
+        if (fix.name, module_name) in _applied:
+            return
+        fix.function(module)  # type: ignore[arg-type]
+        _applied.add((fix.name, module_name))
+        _LOGGER.debug(f"obert_modifiers.compat: applied {fix.name} to {module_name}")
+
+    return run
+
+
+def apply_all() -> None:
+    """Schedule every fix not disabled by ``OBERT_COMPAT_DISABLE`` (idempotent).
+
+    Each fix runs when the module it patches finishes importing, or at once if it already has.
+    """
+    global _scheduled
+    if _scheduled:
+        return
+    _scheduled = True
+    skipped = disabled_fixes()
+    if skipped:
+        _LOGGER.warning(
+            f"obert_modifiers.compat: fixes disabled by {DISABLE_ENV}: {', '.join(sorted(skipped))}"
+        )
+    for fix in FIXES.values():
+        if fix.name in skipped:
+            continue
+        for module_name in fix.modules:
+            _hook.after_import(module_name, _runner(fix, module_name))

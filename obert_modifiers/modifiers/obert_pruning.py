@@ -1,0 +1,451 @@
+"""``!OBertPruningModifier``: Optimal BERT Surgeon gradual pruning (SparseML adapter; the math is in
+:mod:`obert_modifiers.algorithms.obs`, :mod:`~obert_modifiers.algorithms.fisher` and
+:mod:`~obert_modifiers.algorithms.sparsity`).
+
+Recipe keys are those of SparseML's ``OBSPruningModifier`` (so a published oBERT recipe ports by
+changing its tag), plus ``memory_budget_gb``::
+
+    - !OBertPruningModifier
+      params:
+        - re:bert.encoder.layer.*.attention.self.(query|key|value).weight
+        - re:bert.encoder.layer.*.(attention.output|intermediate|output).dense.weight
+      init_sparsity: 0.7
+      final_sparsity: 0.9
+      start_epoch: 2.0
+      end_epoch: 26.0
+      update_frequency: 4.0
+      inter_func: cubic          # linear | cubic | inverse_cubic
+      mask_type: unstructured    # unstructured | block4 | blockN
+      global_sparsity: true
+      leave_enabled: true
+      num_grads: 1024
+      damp: 1e-7
+      fisher_block_size: 50
+      grad_sampler_kwargs: {batch_size: 16}
+      num_recomputations: 1
+      memory_budget_gb: null     # e.g. 2.0: Fisher state of parameter groups in turn
+
+Lifecycle: the trainer's ``grad_sampler`` (initialize kwarg) supplies gradients; a pruning step runs
+in ``update`` when the schedule says so; masks are re-applied after every optimizer step while the
+modifier is active (and after ``end_epoch`` with ``leave_enabled``). Resume: SparseML restarts its
+step counter at epoch 0 when training resumes from a checkpoint, but it passes the checkpoint's epoch
+to ``apply_structure``; the modifier records it there, replays its schedule up to that point, takes
+the masks from the zeros of the loaded weights, and shifts the epochs it sees accordingly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from sparseml.optim import BaseModifier, ModifierProp
+from sparseml.pytorch.sparsification.modifier import PyTorchModifierYAML, ScheduledUpdateModifier
+from sparseml.pytorch.utils import GradSampler, get_named_layers_and_params_by_regex, get_prunable_layers
+from sparseml.sparsification import SparsificationTypes
+from torch.nn import Module
+
+from obert_modifiers.algorithms.obs import obs_prune_step, parse_mask_type
+from obert_modifiers.algorithms.sparsity import INTERPOLATIONS, PruningSchedule, epoch_from_steps
+from obert_modifiers.modifiers._base import (
+    RecipeParameterError,
+    coerce_bool,
+    coerce_choice,
+    coerce_float,
+    coerce_int,
+    coerce_str_list,
+)
+
+__all__ = ["OBertPruningModifier"]
+
+_LOGGER = logging.getLogger(__name__)
+_NAME = "OBertPruningModifier"
+
+
+@PyTorchModifierYAML()
+class OBertPruningModifier(ScheduledUpdateModifier):
+    """Gradual second-order (OBS) pruning with a block-diagonal empirical Fisher inverse."""
+
+    def __init__(
+        self,
+        init_sparsity: float,
+        final_sparsity: float,
+        start_epoch: float,
+        end_epoch: float,
+        update_frequency: float,
+        params: Any,
+        leave_enabled: bool = True,
+        inter_func: str = "cubic",
+        global_sparsity: bool = True,
+        mask_type: str = "unstructured",
+        num_grads: int = 1024,
+        damp: float = 1e-7,
+        fisher_block_size: int = 50,
+        grad_sampler_kwargs: dict | None = None,
+        num_recomputations: int = 1,
+        memory_budget_gb: float | None = None,
+    ):
+        init = coerce_float(_NAME, "init_sparsity", init_sparsity, minimum=0.0, maximum=1.0)
+        final = coerce_float(_NAME, "final_sparsity", final_sparsity, minimum=0.0, maximum=1.0)
+        if isinstance(final_sparsity, dict):
+            raise RecipeParameterError(_NAME, "final_sparsity", final_sparsity, "one number in [0, 1]")
+        if final >= 1.0:
+            raise RecipeParameterError(_NAME, "final_sparsity", final_sparsity, "a number < 1")
+        if final < init:
+            raise RecipeParameterError(
+                _NAME, "final_sparsity", final_sparsity, f"a number >= init_sparsity ({init})"
+            )
+        start = coerce_float(_NAME, "start_epoch", start_epoch, minimum=0.0)
+        end = coerce_float(_NAME, "end_epoch", end_epoch)
+        if end < start:
+            raise RecipeParameterError(_NAME, "end_epoch", end_epoch, f"a number >= start_epoch ({start})")
+        frequency = coerce_float(_NAME, "update_frequency", update_frequency, minimum=0.0, min_exclusive=True)
+        params = coerce_str_list(_NAME, "params", params)
+        inter_func = coerce_choice(_NAME, "inter_func", inter_func, INTERPOLATIONS)
+        try:
+            group = parse_mask_type(mask_type if isinstance(mask_type, str) else repr(mask_type))
+        except ValueError:
+            raise RecipeParameterError(
+                _NAME, "mask_type", mask_type, "'unstructured', 'block4' or 'blockN'"
+            ) from None
+        block_size = coerce_int(_NAME, "fisher_block_size", fisher_block_size, minimum=1)
+        if block_size % group:
+            raise RecipeParameterError(
+                _NAME,
+                "fisher_block_size",
+                fisher_block_size,
+                f"a multiple of {group} for mask_type {mask_type}",
+            )
+        if grad_sampler_kwargs is not None and (
+            not isinstance(grad_sampler_kwargs, dict)
+            or not all(isinstance(k, str) for k in grad_sampler_kwargs)
+        ):
+            raise RecipeParameterError(
+                _NAME,
+                "grad_sampler_kwargs",
+                grad_sampler_kwargs,
+                "a mapping of DataLoader arguments (batch_size: 8)",
+            )
+        self._init_sparsity = init
+        self._final_sparsity = final
+        self._params = params
+        self._inter_func = inter_func
+        self._mask_type = mask_type
+        self._fisher_block_size = block_size
+        self._leave_enabled = coerce_bool(_NAME, "leave_enabled", leave_enabled)
+        self._global_sparsity = coerce_bool(_NAME, "global_sparsity", global_sparsity)
+        self._num_grads = coerce_int(_NAME, "num_grads", num_grads, minimum=1)
+        self._damp = coerce_float(_NAME, "damp", damp, minimum=0.0, min_exclusive=True)
+        self._grad_sampler_kwargs = dict(grad_sampler_kwargs) if grad_sampler_kwargs else None
+        self._num_recomputations = coerce_int(_NAME, "num_recomputations", num_recomputations, minimum=1)
+        self._memory_budget_gb = coerce_float(
+            _NAME, "memory_budget_gb", memory_budget_gb, minimum=0.0, min_exclusive=True, allow_none=True
+        )
+        super().__init__(
+            start_epoch=start,
+            min_start=0.0,
+            end_epoch=end,
+            min_end=0.0,
+            end_comparator=0,
+            update_frequency=frequency,
+            min_frequency=0.0,
+        )
+        self._schedule = PruningSchedule(init, final, start, end, frequency, inter_func)
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self._names: list = []
+        self._weights: list = []
+        self._masks: list = []
+        self._grad_sampler = None
+        self._module = None
+        self._steps_done = 0
+        self._last_step_epoch: float | None = None
+        self._last_sparsity: list | None = None
+        self._pruning_ended = False
+        self._resume_epoch = 0.0
+        self._resume_steps: int | None = None
+        self._last_stats = None
+
+    # ------------------------------------------------------------------ recipe properties
+    @BaseModifier.sparsification_types.getter
+    def sparsification_types(self) -> list:
+        return [SparsificationTypes.pruning]
+
+    @ModifierProp()
+    def init_sparsity(self) -> float:
+        return self._init_sparsity
+
+    @ModifierProp()
+    def final_sparsity(self) -> float:
+        return self._final_sparsity
+
+    @ModifierProp()
+    def params(self) -> list:
+        return self._params
+
+    @ModifierProp()
+    def inter_func(self) -> str:
+        return self._inter_func
+
+    @ModifierProp()
+    def mask_type(self) -> str:
+        return self._mask_type
+
+    @ModifierProp()
+    def global_sparsity(self) -> bool:
+        return self._global_sparsity
+
+    @ModifierProp()
+    def leave_enabled(self) -> bool:
+        return self._leave_enabled
+
+    @ModifierProp()
+    def num_grads(self) -> int:
+        return self._num_grads
+
+    @ModifierProp()
+    def damp(self) -> float:
+        return self._damp
+
+    @ModifierProp()
+    def fisher_block_size(self) -> int:
+        return self._fisher_block_size
+
+    @ModifierProp()
+    def grad_sampler_kwargs(self) -> dict | None:
+        return self._grad_sampler_kwargs
+
+    @ModifierProp()
+    def num_recomputations(self) -> int:
+        return self._num_recomputations
+
+    @ModifierProp()
+    def memory_budget_gb(self) -> float | None:
+        return self._memory_budget_gb
+
+    # ------------------------------------------------------------------ lifecycle
+    def apply_structure(
+        self, module: Module, epoch: float = 0.0, loggers=None, finalize: bool = False, **kwargs
+    ):
+        """Not structural: SparseML calls this with the checkpoint's epoch when training resumes,
+        which is the only place that epoch reaches a modifier; remember it."""
+        if math.isfinite(epoch) and epoch > 0:
+            self._resume_epoch = float(epoch)
+
+    def initialize(self, module: Module, epoch: float = 0, loggers=None, **kwargs) -> None:
+        super().initialize(module, epoch, loggers, **kwargs)
+        sampler = kwargs.get("grad_sampler")
+        if not isinstance(sampler, dict) or not {"data_loader_builder", "loss_function"} <= set(sampler):
+            raise RuntimeError(
+                f"!{_NAME} needs gradients: initialize it with "
+                "grad_sampler={'data_loader_builder': fn(kwargs), "
+                "'loss_function': fn(outputs, target)} (SparseML's transformers Trainer passes it; with a "
+                "manager of your own call manager.initialize(model, grad_sampler=...))."
+            )
+        self._module = module
+        self._names, self._weights = self._find_params(module)
+        self._grad_sampler = GradSampler(
+            sampler["data_loader_builder"](self._grad_sampler_kwargs), sampler["loss_function"]
+        )
+        if self._resume_epoch > 0:  # resumed: pruned weights are the zeros of the loaded checkpoint
+            self._masks = [w.detach() != 0 for w in self._weights]
+        else:
+            self._masks = [torch.ones_like(w, dtype=torch.bool) for w in self._weights]
+        if math.isinf(epoch):  # one-shot (manager.apply): prune straight to final_sparsity
+            self._prune(module, self._final_sparsity, epoch=epoch, steps_per_epoch=1)
+            self._pruning_ended = True
+
+    def _find_params(self, module: Module) -> tuple:
+        if any(p in ("__ALL__", "__ALL_PRUNABLE__") for p in self._params):
+            named = [(f"{name}.weight", layer.weight) for name, layer in get_prunable_layers(module)]
+        else:
+            named = [
+                (f"{nlp.layer_name}.{nlp.param_name}", nlp.param)
+                for nlp in get_named_layers_and_params_by_regex(module, self._params)
+            ]
+        if not named:
+            raise RecipeParameterError(
+                _NAME, "params", self._params, "names or 're:' patterns matching model weights"
+            )
+        return [n for n, _ in named], [p for _, p in named]
+
+    def _schedule_epoch(self, epoch: float, steps_per_epoch: int) -> float:
+        """The epoch on the schedule: SparseML's counter plus the resumed checkpoint's steps."""
+        if self._resume_epoch <= 0 or not math.isfinite(epoch):
+            return epoch
+        if self._resume_steps is None:
+            self._resume_steps = round(self._resume_epoch * steps_per_epoch)
+            done, last, ended = self._schedule.replay(self._resume_steps, steps_per_epoch)
+            self._steps_done, self._last_step_epoch, self._pruning_ended = done, last, ended
+            if done:
+                self._started = True
+                self._last_sparsity = [self._schedule.target(last)] * len(self._weights)
+            _LOGGER.info(
+                "!%s resumed at step %d (epoch %.4g): %d pruning step(s) already done",
+                _NAME,
+                self._resume_steps,
+                self._resume_epoch,
+                done,
+            )
+        return epoch_from_steps(round(epoch * steps_per_epoch) + self._resume_steps, steps_per_epoch)
+
+    def update_ready(self, epoch: float, steps_per_epoch: int) -> bool:
+        if not self._enabled or not self._initialized:
+            return False
+        epoch = self._schedule_epoch(epoch, steps_per_epoch)
+        return self._schedule.is_due(epoch, self._last_step_epoch, self._pruning_ended)
+
+    def scheduled_update(self, module: Module, optimizer, epoch: float, steps_per_epoch: int) -> None:
+        if not self.update_ready(epoch, steps_per_epoch):
+            raise RuntimeError("update_ready returns False, this must be true to call scheduled_update")
+        epoch = self._schedule_epoch(epoch, steps_per_epoch)
+        self._schedule_called = True
+        try:
+            self.update(module, optimizer, epoch=epoch, steps_per_epoch=steps_per_epoch)
+        finally:
+            self._schedule_called = False
+        self._started = True
+        if self._pruning_ended:
+            self._ended = True
+
+    def update(self, module: Module, optimizer, epoch: float, steps_per_epoch: int) -> None:
+        super().update(module, optimizer, epoch, steps_per_epoch)
+        self._prune(module, self._schedule.target(epoch), epoch=epoch, steps_per_epoch=steps_per_epoch)
+        self._last_step_epoch = epoch
+        if epoch >= self.end_epoch:
+            self._pruning_ended = True
+
+    def _prune(self, module: Module, target: float, epoch: float, steps_per_epoch: int) -> None:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        tracked = {id(w) for w in self._weights}
+        others = [p for p in module.parameters() if id(p) not in tracked]
+        was_training = module.training
+        module.eval()  # deterministic gradients (no dropout), as SparseML's OBS does
+
+        def sample(count: int):
+            yield from self._grad_sampler.iter_module_backwards(module, count, progress_bar=rank == 0)
+
+        try:
+            stats = obs_prune_step(
+                self._weights,
+                self._masks,
+                [target] * len(self._weights),
+                sample,
+                num_grads=self._num_grads,
+                damp=self._damp,
+                fisher_block_size=self._fisher_block_size,
+                mask_type=self._mask_type,
+                global_sparsity=self._global_sparsity,
+                num_recomputations=self._num_recomputations,
+                last_sparsity=self._last_sparsity,
+                memory_budget_gb=self._memory_budget_gb,
+                other_params=others,
+            )
+        finally:
+            module.train(was_training)
+            module.zero_grad()
+        self._steps_done += 1
+        self._last_sparsity = [target] * len(self._weights)
+        self._last_stats = stats
+        self._log_step(stats, target, epoch, steps_per_epoch)
+
+    def _log_step(self, stats, target: float, epoch: float, steps_per_epoch: int) -> None:
+        _LOGGER.info(
+            "!%s step %d at epoch %.4g: target %.4f achieved %.4f (grads %.1fs, fisher %.1fs, inverse %.1fs)",
+            _NAME,
+            self._steps_done,
+            epoch,
+            target,
+            stats.achieved,
+            stats.grad_seconds,
+            stats.fisher_seconds,
+            stats.inverse_seconds,
+        )
+        if self.loggers is None:
+            return
+        epoch = epoch if math.isfinite(epoch) else None
+        values = {
+            "target_sparsity": target,
+            "achieved_sparsity": stats.achieved,
+            "grad_collection_seconds": stats.grad_seconds,
+            "fisher_accumulation_seconds": stats.fisher_seconds,
+            "inverse_seconds": stats.inverse_seconds,
+            "obs_update_seconds": stats.update_seconds,
+            "num_grads": float(stats.num_grads),
+            "pruning_steps_done": float(self._steps_done),
+        }
+        self.log_named_scalars(values.items(), epoch=epoch, steps_per_epoch=steps_per_epoch)
+        for name, sparsity in zip(self._names, stats.per_param_sparsity, strict=False):
+            self.log_scalar(
+                sparsity, tag=f"ParamPruning/{name}", epoch=epoch, steps_per_epoch=steps_per_epoch
+            )
+
+    @property
+    def masks_active(self) -> bool:
+        if not self._initialized or (self._steps_done == 0 and self._resume_epoch <= 0):
+            return False
+        return self._leave_enabled or not self._pruning_ended
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        for weight, mask in zip(self._weights, self._masks, strict=False):
+            weight.data.mul_(mask.to(weight.dtype))
+
+    def optimizer_post_step(self, module: Module, optimizer, epoch: float, steps_per_epoch: int) -> None:
+        super().optimizer_post_step(module, optimizer, epoch, steps_per_epoch)
+        if self.masks_active:  # the optimizer (momentum) may have moved pruned weights off zero
+            self.apply_masks()
+
+    def finalize(self, module: Module | None = None, reset_loggers: bool = True, **kwargs) -> None:
+        if self._initialized and self._leave_enabled and self._steps_done > 0:
+            self.apply_masks()
+        super().finalize(module, reset_loggers, **kwargs)
+        self._grad_sampler = None
+
+    # ------------------------------------------------------------------ state (resume)
+    def state_dict(self) -> dict:
+        return {
+            "masks": {name: mask.clone() for name, mask in zip(self._names, self._masks, strict=False)},
+            "steps_done": self._steps_done,
+            "last_step_epoch": self._last_step_epoch,
+            "last_sparsity": self._last_sparsity,
+            "ended": self._pruning_ended,
+        }
+
+    def load_state_dict(self, state_dict: dict, strict: bool = True) -> None:
+        if not self._initialized:
+            raise RuntimeError(f"!{_NAME}: initialize the modifier before loading its state")
+        masks = state_dict.get("masks", {})
+        missing = [n for n in self._names if n not in masks]
+        extra = [n for n in masks if n not in self._names]
+        if strict and (missing or extra):
+            raise KeyError(f"!{_NAME} state: missing masks {missing}, unexpected masks {extra}")
+        for i, name in enumerate(self._names):
+            if name in masks:
+                self._masks[i] = masks[name].to(self._weights[i].device).bool().view(self._weights[i].shape)
+        self._steps_done = int(state_dict.get("steps_done", 0))
+        self._last_step_epoch = state_dict.get("last_step_epoch")
+        self._last_sparsity = state_dict.get("last_sparsity")
+        self._pruning_ended = bool(state_dict.get("ended", False))
+        if self._steps_done:
+            self._started = True
+            self.apply_masks()
+
+    @property
+    def last_stats(self):
+        """``PruneStepStats`` of the last pruning step (timings, achieved sparsity), or None."""
+        return self._last_stats
+
+    @property
+    def pruning_steps_done(self) -> int:
+        return self._steps_done
+
+    @property
+    def param_names(self) -> list:
+        return list(self._names)
+
+    @property
+    def keep_masks(self) -> list:
+        return list(self._masks)

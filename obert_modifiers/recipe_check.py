@@ -1,0 +1,293 @@
+"""``obert recipe check``: parse a recipe with SparseML's own loader and explain what it holds, or
+say exactly what is wrong (file, line, modifier, key, what was expected).
+
+The recipe is loaded with ``ScheduledModifierManager.from_yaml``, the same call the trainer makes.
+Before that, a few SparseML 1.8 traps that otherwise give confusing errors are checked on the text:
+the ``.yml`` extension (rejected), a tag followed by a ``.`` on its line (flow style such as
+``- !Tag {a: 1.0}``: SparseML's tag rewrite skips it, and loading fails with "could not determine a
+constructor"), namespaced tags, unknown tags and YAML syntax errors (with the line in the file).
+When the load fails, each modifier is loaded alone through SparseML's loader to find the culprit.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RECIPE_SUFFIXES = (".yaml", ".md")
+TAG_PATTERN = re.compile(r"(?:^|[\s\-\[{,:])!(?P<tag>[A-Za-z_][A-Za-z0-9_.]*)")
+OBJECT_PREFIX = "OBJECT."
+
+
+class RecipeCheckError(ValueError):
+    """A recipe that SparseML cannot load; the message names the place and the fix."""
+
+
+@dataclass
+class ModifierSummary:
+    index: int
+    stage: str | None
+    tag: str
+    start_epoch: Any
+    end_epoch: Any
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RecipeSummary:
+    path: Path
+    modifiers: list[ModifierSummary]
+    max_epochs: float | None
+    variables: dict[str, Any]
+
+
+def _fail(path: Path, message: str, line: int | None = None) -> RecipeCheckError:
+    where = f"{path}:{line}" if line is not None else str(path)
+    return RecipeCheckError(f"{where}: {message}")
+
+
+def _read_recipe_text(path: Path) -> tuple[str, int]:
+    """The YAML text of the recipe and the line offset of that text in the file (front matter)."""
+    if not path.exists():
+        raise RecipeCheckError(f"{path}: recipe file not found")
+    if path.is_dir():
+        raise RecipeCheckError(f"{path}: is a folder; give the recipe file (.yaml or .md)")
+    suffix = path.suffix.lower()
+    if suffix not in RECIPE_SUFFIXES:
+        hint = f"; rename it to {path.with_suffix('.yaml').name}" if suffix == ".yml" else ""
+        raise RecipeCheckError(
+            f"{path}: SparseML 1.8 reads recipes only from '.yaml' or '.md' files "
+            f"(it rejects '{path.suffix}'){hint}"
+        )
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".md":
+        match = re.compile(r"^\s*(?:---|\+\+\+)(.*?)(?:---|\+\+\+)", re.S | re.M).search(text)
+        if not match:
+            raise RecipeCheckError(f"{path}: no YAML front matter (between '---' lines) in this recipe card")
+        return match.group(1), text[: match.start(1)].count("\n")
+    return text, 0
+
+
+def _check_tag_lines(path: Path, text: str, offset: int) -> None:
+    for number, line in enumerate(text.splitlines(), start=1 + offset):
+        for match in TAG_PATTERN.finditer(line):
+            tag = match.group("tag")
+            if "." in tag:
+                bare = tag.rsplit(".", 1)[-1]
+                raise _fail(
+                    path,
+                    f"tag '!{tag}': SparseML recipes use bare tags (write '!{bare}'); "
+                    "namespaced tags are not rewritten and do not load",
+                    number,
+                )
+            rest = line[match.end() :]
+            if "." in rest:
+                raise _fail(
+                    path,
+                    f"'!{tag}' is followed by '{rest.strip()}' on the same line. SparseML's tag rewrite "
+                    "skips a tag that has a '.' later on its line (flow style '- !Tag {a: 1.0}', or a "
+                    "comment), and the load then fails with 'could not determine a constructor'. "
+                    f"Put '- !{tag}' alone on its line with its keys below it (block style)",
+                    number,
+                )
+
+
+def _tag_line(text: str, offset: int, tag: str, occurrence: int = 0) -> int | None:
+    seen = 0
+    for number, line in enumerate(text.splitlines(), start=1 + offset):
+        for match in TAG_PATTERN.finditer(line):
+            if match.group("tag") == tag:
+                if seen == occurrence:
+                    return number
+                seen += 1
+    return None
+
+
+def _modifier_entries(container: Any) -> list[tuple[str | None, str, dict]]:
+    """(stage, tag, params) for every modifier in a recipe loaded without classes."""
+
+    def from_group(stage: str | None, group: dict) -> list[tuple[str | None, str, dict]]:
+        entries = []
+        for key, value in group.items():
+            if "modifiers" not in key or not isinstance(value, list):
+                continue
+            for item in value:
+                # block style '- !Tag' + keys reads as {OBJECT.Tag: None, key: value, ...}
+                names = [
+                    k
+                    for k in (item if isinstance(item, dict) else {})
+                    if isinstance(k, str) and k.startswith(OBJECT_PREFIX)
+                ]
+                if isinstance(item, dict) and len(names) == 1:
+                    value = item[names[0]]
+                    params = dict(value) if isinstance(value, dict) else {}
+                    params.update({k: v for k, v in item.items() if k != names[0]})
+                    entries.append((stage, names[0][len(OBJECT_PREFIX) :], params))
+                    continue
+                raise RecipeCheckError(
+                    f"list '{key}'{f' in stage {stage}' if stage else ''} holds {item!r}, "
+                    "which is not a '!Tag' modifier"
+                )
+        return entries
+
+    if not isinstance(container, dict):
+        raise RecipeCheckError("the recipe is not a YAML mapping with a 'modifiers' list")
+    if any("modifiers" in key for key in container):
+        return from_group(None, container)
+    entries = []
+    for stage, value in container.items():
+        if isinstance(value, dict) and any("modifiers" in key for key in value):
+            entries.extend(from_group(stage, value))
+    return entries
+
+
+def _registered_tags() -> dict[str, type]:
+    import sparseml.pytorch.sparsification  # noqa: F401  (registers SparseML's tags, then ours)
+    import yaml
+    from sparseml.optim.modifier import BaseModifier
+
+    prefix = "!pytorch."
+    tags = {key[len(prefix) :] for key in yaml.SafeLoader.yaml_constructors if str(key).startswith(prefix)}
+    classes: dict[str, type] = {}
+    stack = [BaseModifier]
+    while stack:
+        cls = stack.pop()
+        for sub in cls.__subclasses__():
+            stack.append(sub)
+            if sub.__name__ in tags:
+                classes.setdefault(sub.__name__, sub)
+    return {tag: classes.get(tag) for tag in tags}
+
+
+def _explain_modifier_error(tag: str, cls: type | None, error: Exception) -> str:
+    from obert_modifiers.modifiers._base import RecipeParameterError, unknown_key_message
+
+    if isinstance(error, RecipeParameterError):
+        return str(error)
+    text = str(error)
+    unexpected = re.search(r"unexpected keyword argument '([^']+)'", text)
+    if unexpected and cls is not None:
+        return unknown_key_message(cls, unexpected.group(1))
+    if unexpected:
+        return f"!{tag}: unknown recipe key '{unexpected.group(1)}'"
+    missing = re.search(r"missing \d+ required (?:positional |keyword-only )?arguments?: (.*)", text)
+    if missing:
+        keys = re.findall(r"'([^']+)'", missing.group(1))
+        return f"!{tag}: missing required recipe key(s): {', '.join(keys)}"
+    return f"!{tag}: {type(error).__name__}: {text}"
+
+
+def _find_culprit(path: Path, text: str, offset: int, resolved: Any, registered: dict) -> str | None:
+    from sparseml.optim.helpers import rewrite_recipe_yaml_string_with_classes
+    from sparseml.pytorch.sparsification.modifier import Modifier
+
+    occurrences: dict[str, int] = {}
+    for index, (stage, tag, params) in enumerate(_modifier_entries(resolved)):
+        occurrence = occurrences.get(tag, 0)
+        occurrences[tag] = occurrence + 1
+        single = rewrite_recipe_yaml_string_with_classes({"modifiers": [{f"{OBJECT_PREFIX}{tag}": params}]})
+        try:
+            loaded = Modifier.load_list(single)
+            del loaded
+        except Exception as error:  # noqa: BLE001 - any failure of this modifier is the answer
+            line = _tag_line(text, offset, tag, occurrence)
+            where = f"{path}:{line}" if line else str(path)
+            stage_text = f" in stage '{stage}'" if stage else ""
+            message = _explain_modifier_error(tag, registered.get(tag), error)
+            return f"{where}: modifier {index + 1}{stage_text}: {message}"
+    return None
+
+
+def check_recipe(path: str | Path, recipe_args: str | dict | None = None) -> RecipeSummary:
+    """Load ``path`` with SparseML's ``ScheduledModifierManager.from_yaml`` (with ``recipe_args``
+    overriding recipe variables: a dict, JSON, or ``k=v,k2=v2``) and describe every modifier.
+    Raises :class:`RecipeCheckError` with a message that names the place and the problem."""
+    import yaml
+
+    path = Path(path)
+    text, offset = _read_recipe_text(path)
+    _check_tag_lines(path, text, offset)
+
+    from sparseml.optim.helpers import (
+        evaluate_recipe_yaml_str_equations,
+        load_recipe_yaml_str,
+        load_recipe_yaml_str_no_classes,
+        parse_recipe_variables,
+    )
+    from sparseml.pytorch.optim import ScheduledModifierManager
+
+    try:
+        raw = load_recipe_yaml_str_no_classes(text)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        line = mark.line + 1 + offset if mark is not None else None
+        column = f", column {mark.column + 1}" if mark is not None else ""
+        context = f" ({error.context})" if error.context else ""
+        raise _fail(path, f"YAML syntax error{column}: {error.problem}{context}", line) from None
+    entries = _modifier_entries(raw)
+    if not entries:
+        raise _fail(path, "no modifiers found: list them under a top-level key whose name holds 'modifiers'")
+
+    registered = _registered_tags()
+    for index, (_stage, tag, _params) in enumerate(entries):
+        if tag not in registered:
+            close = difflib.get_close_matches(tag, list(registered), n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join('!' + c for c in close)}?" if close else ""
+            raise _fail(
+                path,
+                f"modifier {index + 1}: unknown tag '!{tag}'{hint} (known: SparseML's modifiers and "
+                "!OBertPruningModifier, !LayerDropModifier, !OBertQuantizationModifier, "
+                "!OBertDistillationModifier)",
+                _tag_line(text, offset, tag),
+            )
+
+    try:
+        variables = parse_recipe_variables(recipe_args)
+    except (ValueError, TypeError) as error:
+        raise RecipeCheckError(
+            f"--recipe-args {recipe_args!r}: expected JSON or k=v,k2=v2 ({error})"
+        ) from None
+    recipe_variables = [k for k, v in raw.items() if "modifiers" not in k and not isinstance(v, dict)]
+    unknown = [k for k in variables if k not in recipe_variables]
+    if unknown:
+        raise RecipeCheckError(
+            f"--recipe-args: {', '.join(map(repr, unknown))} is not a variable of {path} "
+            f"(its variables: {', '.join(recipe_variables) or 'none'}); only existing variables can be set"
+        )
+    try:
+        resolved_text = load_recipe_yaml_str(str(path), **variables)
+        resolved = load_recipe_yaml_str_no_classes(evaluate_recipe_yaml_str_equations(resolved_text))
+    except Exception as error:  # noqa: BLE001 - variables and eval() errors, reported as they are
+        raise _fail(path, f"recipe variables: {type(error).__name__}: {error}") from None
+
+    try:
+        manager = ScheduledModifierManager.from_yaml(str(path), recipe_variables=variables)
+    except Exception as error:  # noqa: BLE001
+        culprit = _find_culprit(path, text, offset, resolved, registered)
+        if culprit:
+            raise RecipeCheckError(culprit) from None
+        raise _fail(path, f"{type(error).__name__}: {error}") from None
+
+    summaries: list[ModifierSummary] = []
+    staged = manager.modifiers if isinstance(manager.modifiers, dict) else {None: manager.modifiers}
+    for stage, modifiers in staged.items():
+        for modifier in modifiers:
+            params = modifier.props(only_serializable=True)
+            summaries.append(
+                ModifierSummary(
+                    index=len(summaries) + 1,
+                    stage=stage,
+                    tag=type(modifier).__name__,
+                    start_epoch=params.pop("start_epoch", None),
+                    end_epoch=params.pop("end_epoch", None),
+                    params=params,
+                )
+            )
+    max_epochs = getattr(manager, "max_epochs", None)
+    recipe_vars = {k: v for k, v in raw.items() if "modifiers" not in k and not isinstance(v, dict)}
+    recipe_vars.update(variables)
+    del manager
+    return RecipeSummary(path=path, modifiers=summaries, max_epochs=max_epochs, variables=recipe_vars)

@@ -1,0 +1,180 @@
+"""Benchmark and runtimes on exported folders: DeepSparse and ONNX Runtime run the same files and
+agree on predictions; the stock ``deepsparse.benchmark`` runs on the folder's model.onnx. No test
+asserts a timing (DeepSparse spins on its cores; a shared box skews every figure)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+np = pytest.importorskip("numpy")
+pytest.importorskip("torch")
+
+from test_quantization import SENTENCES, shared_artifacts  # noqa: E402
+
+REAL_SENTENCES = SENTENCES + [
+    "Shares in the carmaker rose sharply after it reported record profits.",
+    "The striker scored twice as the home side came back to win.",
+    "It is not a masterpiece, but the cast is charming.",
+    "Parliament will vote on the new budget next week.",
+]
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_bert_dir, tmp_path_factory):
+    return shared_artifacts(tiny_bert_dir, tmp_path_factory)
+
+
+def _md5(path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.integration
+def test_run_benchmark_both_engines_on_a_copy(artifacts):
+    from obert_modifiers.bench import run_benchmark
+
+    folder = artifacts["int8"].path
+    before = _md5(folder / "model.onnx")
+    results = run_benchmark(
+        folder,
+        engines=("deepsparse", "onnxruntime"),
+        batch_size=2,
+        sequence_length=32,
+        num_cores=1,
+        seconds=0.3,
+        warmup_seconds=0.1,
+    )
+    assert [r.engine for r in results] == ["deepsparse", "onnxruntime"]
+    for result in results:
+        assert result.ok, result.error
+        assert result.batch_size == 2 and result.sequence_length == 32 and result.num_cores == 1
+        assert result.iterations >= 5
+        assert 0 < result.median_ms <= result.p90_ms
+        assert result.items_per_second == pytest.approx(2000.0 / result.mean_ms)
+    assert _md5(folder / "model.onnx") == before
+
+
+def test_missing_engine_is_reported_not_raised(artifacts):
+    """With DeepSparse unimportable (as on a machine without the extra), the result says so."""
+    folder = artifacts["fp32"].path
+    script = textwrap.dedent(f"""
+        import sys, json
+        sys.modules["deepsparse"] = None  # what a missing package looks like to `import`
+        from obert_modifiers.bench import run_benchmark
+        results = run_benchmark({str(folder)!r}, seconds=0.2, warmup_seconds=0.05, sequence_length=16,
+                                num_cores=1)
+        print(json.dumps([r.to_dict() for r in results]))
+    """)
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    deepsparse, onnxruntime = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert deepsparse["status"] == "unavailable" and "deepsparse" in deepsparse["error"]
+    assert math.isnan(deepsparse["median_ms"])
+    assert onnxruntime["status"] == "ok" and onnxruntime["median_ms"] > 0
+
+
+def test_bad_benchmark_inputs(tmp_path):
+    from obert_modifiers.bench import BenchmarkError, run_benchmark
+
+    with pytest.raises(BenchmarkError, match="does not exist"):
+        run_benchmark(tmp_path / "nope")
+    with pytest.raises(BenchmarkError, match="has no model.onnx"):
+        run_benchmark(tmp_path)
+    (tmp_path / "model.onnx").write_bytes(b"")
+    with pytest.raises(BenchmarkError, match="unknown engine"):
+        run_benchmark(tmp_path, engines=("tensorrt",))
+
+
+@pytest.mark.integration
+def test_stock_deepsparse_benchmark_runs_on_the_folder_model(artifacts):
+    from obert_modifiers.bench import run_deepsparse_benchmark_cli
+
+    folder = artifacts["int8"].path
+    before = _md5(folder / "model.onnx")
+    report = run_deepsparse_benchmark_cli(
+        folder, batch_size=1, sequence_length=32, num_cores=1, seconds=1, warmup_seconds=0
+    )
+    assert report["engine"].startswith("deepsparse")
+    items_per_second = report["benchmark_result"]["items_per_sec"]
+    assert isinstance(items_per_second, float) and items_per_second > 0
+    assert _md5(folder / "model.onnx") == before  # it ran on a copy
+
+
+@pytest.mark.integration
+def test_deepsparse_pipeline_and_onnxruntime_agree_on_real_sentences(artifacts, tmp_path):
+    """DeepSparse loads the INT8 folder as is (Pipeline: config, tokenizer, model.onnx) and gives
+    the same predictions as ONNX Runtime on the same file for a batch of real sentences."""
+    import onnxruntime as ort
+    from deepsparse import Pipeline
+    from transformers import AutoTokenizer
+
+    folder = artifacts["int8"].path
+    config = json.loads((folder / "config.json").read_text())
+    # the Pipeline rewrites model.onnx IN PLACE (static input shapes): give it a copy
+    copy = tmp_path / "deployment"
+    shutil.copytree(folder, copy)
+    pipeline = Pipeline.create(
+        task="text-classification",
+        model_path=str(copy),
+        batch_size=len(REAL_SENTENCES),
+        sequence_length=64,
+        num_cores=1,
+    )
+    output = pipeline(sequences=REAL_SENTENCES)
+    deepsparse_labels = [labels[0] if isinstance(labels, list) else labels for labels in output.labels]
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    encoded = tokenizer(
+        REAL_SENTENCES, padding="max_length", max_length=64, truncation=True, return_tensors="np"
+    )
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    feed = {i.name: encoded[i.name].astype(np.int64) for i in session.get_inputs()}
+    logits = session.run(None, feed)[0]
+    ort_labels = [config["id2label"][str(i)] for i in logits.argmax(-1)]
+    assert deepsparse_labels == ort_labels
+    assert set(ort_labels) <= set(config["id2label"].values())
+
+
+def test_benchmark_cli_table_speedup_and_json(artifacts, tmp_path):
+    from typer.testing import CliRunner
+
+    from obert_modifiers.cli import _build
+
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(
+        _build(),
+        [
+            "benchmark",
+            str(artifacts["int8"].path),
+            "--engine",
+            "onnxruntime",
+            "--batch-size",
+            "1",
+            "--sequence-length",
+            "16",
+            "--num-cores",
+            "1",
+            "--seconds",
+            "0.2",
+            "--warmup",
+            "0.05",
+            "--baseline",
+            str(artifacts["fp32"].path),
+            "--json",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "onnxruntime" in result.output and "speedup" in result.output
+    data = json.loads(out.read_text())
+    (row,) = data["results"]
+    assert row["engine"] == "onnxruntime" and row["median_ms"] > 0
+    assert row["speedup_same_engine"] > 0 and row["speedup_vs_baseline_onnxruntime"] > 0
+    assert data["baseline"] == str(artifacts["fp32"].path)

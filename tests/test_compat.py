@@ -1,0 +1,409 @@
+"""Each fix in obert_modifiers.compat is needed: the same check passes with the fix and fails, with
+the specific error SparseML 1.8 gives on this stack, when ``OBERT_COMPAT_DISABLE`` turns it off.
+
+Every check runs in a fresh interpreter that imports nothing of ours by hand (the start-up hook
+applies the fixes), through tests/plugins/compat_probe.py or the stock SparseML console scripts.
+A stock training run (GMP + OBS + QAT, saved as safetensors) and a stock export show the fixes
+working together end to end.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from obert_modifiers import compat
+
+pytestmark = pytest.mark.integration
+
+PROBE = Path(__file__).parent / "plugins" / "compat_probe.py"
+BIN = Path(sys.executable).parent
+
+RECIPE = textwrap.dedent(
+    """
+    modifiers:
+      - !EpochRangeModifier
+        start_epoch: 0.0
+        end_epoch: 1.0
+      - !GMPruningModifier
+        params: ["re:bert.encoder.layer.*.(intermediate|output).dense.weight"]
+        init_sparsity: 0.05
+        final_sparsity: 0.5
+        start_epoch: 0.0
+        end_epoch: 0.5
+        update_frequency: 0.25
+      - !OBSPruningModifier
+        params: ["re:bert.encoder.layer.*.attention.self.(query|key|value).weight"]
+        init_sparsity: 0.1
+        final_sparsity: 0.5
+        start_epoch: 0.0
+        end_epoch: 0.5
+        update_frequency: 0.25
+        num_grads: 8
+        fisher_block_size: 8
+        grad_sampler_kwargs:
+          batch_size: 4
+      - !QuantizationModifier
+        start_epoch: 0.5
+        freeze_bn_stats_epoch: 0.9
+        ignore: [LayerNorm, GELUActivation, Tanh, classifier, Dropout]
+        scheme_overrides:
+          Embedding:
+            input_activations: null
+            weights:
+              num_bits: 8
+              symmetric: false
+    """
+)
+
+
+def _env(tmp: Path, disable: str = "", **extra: str) -> dict:
+    env = {**os.environ, compat.DISABLE_ENV: disable, **extra}
+    # a fresh module cache: a metric script cached by an earlier run must not hide a missing fix
+    env["HF_MODULES_CACHE"] = str(tmp / "hf-modules")
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def _run(args: list, env: dict, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(a) for a in args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def _probe(tmp: Path, names: str, disable: str = "", **options: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, PROBE, names]
+    for key, value in options.items():
+        args += [f"--{key.replace('_', '-')}"] + ([] if value is True else [value])
+    return _run(args, _env(tmp, disable), cwd=tmp)
+
+
+def _results(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, result.stderr[-4000:]
+    found = {}
+    for line in result.stdout.splitlines():
+        if line.startswith("PROBE "):
+            _, name, payload = line.split(" ", 2)
+            found[name] = json.loads(payload)
+    return found
+
+
+def _failure(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode != 0, f"expected a failure with the fix disabled, got:\n{result.stdout[-2000:]}"
+    return result.stderr
+
+
+def _subset(src: Path, dst: Path, rows: int) -> Path:
+    with open(src, newline="") as handle:
+        reader = csv.reader(handle)
+        kept = [next(reader)] + list(itertools.islice(reader, rows))
+    with open(dst, "w", newline="") as handle:
+        csv.writer(handle).writerows(kept)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, bbc_data_dir) -> Path:
+    out = tmp_path_factory.mktemp("compat-data")
+    _subset(bbc_data_dir / "train.csv", out / "train.csv", 96)
+    _subset(bbc_data_dir / "validation.csv", out / "validation.csv", 16)
+    return out
+
+
+@pytest.fixture(scope="module")
+def qat_model(tmp_path_factory, tiny_bert_dir, data_dir) -> Path:
+    """GMP + OBS + QAT through the stock training script, saved the default way (model.safetensors)."""
+    tmp = tmp_path_factory.mktemp("compat-train")
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    model_dir = tmp / "run" / "model"
+    result = _run(
+        [
+            BIN / "sparseml.transformers.train.text_classification",
+            "--model_name_or_path",
+            tiny_bert_dir,
+            "--train_file",
+            data_dir / "train.csv",
+            "--validation_file",
+            data_dir / "validation.csv",
+            "--do_train",
+            "--do_eval",
+            "--max_seq_length",
+            "64",
+            "--per_device_train_batch_size",
+            "16",
+            "--output_dir",
+            model_dir,
+            "--overwrite_output_dir",
+            "--report_to",
+            "none",
+            "--save_strategy",
+            "no",
+            "--recipe",
+            recipe,
+        ],
+        _env(tmp),
+        cwd=tmp,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def qat_model_bin(tmp_path_factory, qat_model) -> Path:
+    """The same trained weights saved as pytorch_model.bin, the format SparseML reloads natively."""
+    import torch
+    from safetensors.torch import load_file
+
+    bin_dir = tmp_path_factory.mktemp("compat-bin") / "model"
+    shutil.copytree(qat_model, bin_dir)
+    torch.save(load_file(str(bin_dir / "model.safetensors")), bin_dir / "pytorch_model.bin")
+    (bin_dir / "model.safetensors").unlink()
+    return bin_dir
+
+
+# --------------------------------------------------------------------------------------------
+# all fixes together, through the stock scripts
+# --------------------------------------------------------------------------------------------
+
+
+def test_stock_training_with_gmp_obs_qat(qat_model):
+    """Needs qconfig_slots (QAT), grad_sampler_loader (OBS) and offline_metrics (evaluation)."""
+    from safetensors.torch import load_file
+
+    assert not list(qat_model.glob("pytorch_model*.bin")), "expected the default safetensors checkpoint"
+    weights = load_file(str(qat_model / "model.safetensors"))
+    assert sum(k.endswith(".zero_point") for k in weights) > 20  # QAT observers were saved
+    for name in ("attention.self.query", "intermediate.dense"):  # pruned by OBS and by GMP
+        tensor = weights[f"bert.encoder.layer.0.{name}.module.weight"]
+        assert 0.4 < float((tensor == 0).float().mean()) < 0.6, name
+    results = json.loads((qat_model / "eval_results.json").read_text())
+    assert 0.0 <= results["eval_accuracy"] <= 1.0
+
+
+def _export(model_dir: Path, tmp: Path) -> Path:
+    result = _run(
+        [
+            BIN / "sparseml.transformers.export_onnx",
+            "--task",
+            "text-classification",
+            "--model_path",
+            model_dir,
+            "--sequence_length",
+            "64",
+        ],
+        _env(tmp),
+        cwd=model_dir.parent,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return model_dir.parent / "deployment" / "model.onnx"
+
+
+def test_stock_export_of_safetensors_qat_model_matches_bin_export(
+    qat_model, qat_model_bin, data_dir, tmp_path
+):
+    """Needs onnx_dynamo_export (any export) and safetensors_reload (the weights are the trained ones):
+    the safetensors checkpoint exports to the same graph as the same weights saved as .bin, the
+    format SparseML reloads natively."""
+    import numpy as np
+    import onnx
+    import onnxruntime
+    from transformers import AutoTokenizer
+
+    # the exporter writes next to the model folder: export copies, in folders of their own
+    safetensors_dir = tmp_path / "st" / "model"
+    bin_dir = tmp_path / "bin" / "model"
+    shutil.copytree(qat_model, safetensors_dir)
+    shutil.copytree(qat_model_bin, bin_dir)
+
+    outputs = []
+    tokenizer = AutoTokenizer.from_pretrained(qat_model)
+    with open(data_dir / "validation.csv", newline="") as handle:
+        sentences = [row["sentence"] for row in csv.DictReader(handle)][:6]
+    for model_dir in (safetensors_dir, bin_dir):
+        onnx_path = _export(model_dir, tmp_path)
+        graph = onnx.load(str(onnx_path)).graph
+        ops = {node.op_type for node in graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} & ops and "MatMulInteger" in ops, sorted(ops)
+        session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        logits = []
+        for sentence in sentences:
+            encoded = tokenizer(
+                sentence, padding="max_length", truncation=True, max_length=64, return_tensors="np"
+            )
+            logits.append(session.run(None, {n: encoded[n].astype(np.int64) for n in names})[0])
+        outputs.append(np.concatenate(logits))
+    assert np.isfinite(outputs[0]).all()
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# one fix at a time: with it the probe passes, without it SparseML fails as it does upstream
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def enabled_probes(tmp_path_factory, tiny_bert_dir, data_dir, qat_model, qat_model_bin) -> dict:
+    """Every probe in one fresh process with all fixes on."""
+    tmp = tmp_path_factory.mktemp("probes")
+    return _results(
+        _probe(
+            tmp,
+            "qconfig,metrics,onnx,grad_sampler,reload,reload_bin",
+            model=str(tiny_bert_dir),
+            qat_model=str(qat_model),
+            qat_model_bin=os.path.relpath(qat_model_bin, tmp),
+            train_csv=str(data_dir / "train.csv"),
+            out=str(tmp),
+            all_metrics=True,
+        )
+    )
+
+
+def test_qconfig_slots(enabled_probes, tmp_path):
+    assert enabled_probes["qconfig"] == {
+        "is_qconfig": True,
+        "scheme_kept": True,
+        "weight_observer": "FakeQuantize",
+    }
+    stderr = _failure(_probe(tmp_path, "qconfig", disable="qconfig_slots"))
+    assert "AttributeError: 'QConfig' object has no attribute 'quantization_scheme'" in stderr
+
+
+def test_grad_sampler_loader(enabled_probes, tiny_bert_dir, data_dir, tmp_path):
+    result = enabled_probes["grad_sampler"]
+    assert result["train_loader"] == "DataLoaderShard"  # accelerate's loader, what SparseML trips over
+    assert result["batch_sizes"] == [3] * 9  # grad_sampler_kwargs.batch_size honoured, cycles forever
+    assert result["keys"] == [
+        "attention_mask",
+        "input_ids",
+        "labels",
+        "token_type_ids",
+    ]  # text column dropped
+    stderr = _failure(
+        _probe(
+            tmp_path,
+            "grad_sampler",
+            disable="grad_sampler_loader",
+            model=str(tiny_bert_dir),
+            train_csv=str(data_dir / "train.csv"),
+        )
+    )
+    assert "TypeError: DataLoader.__init__() got an unexpected keyword argument 'gradient_state'" in stderr
+
+
+def test_onnx_dynamo_export(enabled_probes, tmp_path):
+    result = enabled_probes["onnx"]
+    assert result["max_abs_diff"] < 1e-5
+    # only SparseML's calls are redirected: a direct call keeps torch's default (dynamo -> onnxscript)
+    assert "onnxscript" in result["direct_call"]
+    stderr = _failure(_probe(tmp_path, "onnx", disable="onnx_dynamo_export", out=str(tmp_path)))
+    assert "ModuleNotFoundError: No module named 'onnxscript'" in stderr
+
+
+def test_safetensors_reload(enabled_probes, qat_model, tmp_path):
+    result = enabled_probes["reload"]
+    assert result["keys_compared"] == result["keys_saved"] > 400 and result["qat_keys"] > 20
+    assert result["keys_differing"] == 0
+    disabled = _probe(tmp_path, "reload", disable="safetensors_reload", qat_model=str(qat_model))
+    broken = _results(disabled)["reload"]  # SparseML carries on silently with wrong weights...
+    assert "Model state was not reloaded for SparseML: could not find model weights" in disabled.stderr
+    assert broken["keys_differing"] > 100, broken  # ...the restructured (QAT) parameters are random
+
+
+def test_reload_relative_path(enabled_probes, qat_model_bin, tmp_path):
+    result = enabled_probes["reload_bin"]
+    assert result["keys_compared"] == result["keys_saved"] > 400 and result["keys_differing"] == 0
+    relative = os.path.relpath(qat_model_bin, tmp_path)
+    stderr = _failure(_probe(tmp_path, "reload_bin", disable="reload_relative_path", qat_model_bin=relative))
+    doubled = os.path.join(relative, relative, "pytorch_model.bin")
+    assert f"FileNotFoundError: [Errno 2] No such file or directory: '{doubled}'" in stderr, stderr[-2000:]
+
+
+def test_safetensors_qat_detect(enabled_probes, qat_model, tmp_path):
+    assert enabled_probes["reload"]["delayed_qat_load"] is True
+    disabled = _results(
+        _probe(tmp_path, "reload", disable="safetensors_qat_detect", qat_model=str(qat_model))
+    )
+    assert disabled["reload"]["delayed_qat_load"] is False
+
+
+def test_offline_metrics(enabled_probes, tmp_path):
+    metrics = enabled_probes["metrics"]
+    assert metrics["accuracy"] == {"accuracy": 0.75}
+    assert metrics["seqeval"]["PER"]["f1"] == 1.0 and metrics["seqeval"]["overall_f1"] == 0.5
+    assert metrics["seqeval"]["overall_accuracy"] == 0.75
+    assert metrics["squad"] == {"exact_match": 50.0, "f1": 50.0}
+    assert metrics["squad_v2"]["exact"] == 100.0 and metrics["squad_v2"]["NoAns_total"] == 1
+    assert metrics["glue_mrpc"] == {"accuracy": 0.75, "f1": pytest.approx(0.8)}
+    assert metrics["glue_cola"] == {"matthews_correlation": 1.0}
+    stderr = _failure(_probe(tmp_path, "metrics", disable="offline_metrics"))
+    assert re.search(r"OfflineModeIsEnabled: .*metrics/accuracy/accuracy\.py", stderr), stderr[-2000:]
+
+
+def test_every_fix_has_a_test_and_docs():
+    tested = {name[len("test_") :] for name in globals() if name.startswith("test_")}
+    assert set(compat.FIXES) <= tested, set(compat.FIXES) - tested
+    docs = (Path(__file__).parents[1] / "docs" / "compat.md").read_text()
+    for name, fix in compat.FIXES.items():
+        assert f"`{name}`" in docs, f"docs/compat.md does not describe {name}"
+        assert fix.function.__doc__ and "Without it" in fix.function.__doc__, name
+
+
+def test_every_fix_reaches_the_stock_entry_points(tmp_path):
+    """The lazy scheduling misses nothing: after importing the stock training and export modules,
+    each fix has been applied to each of its modules that is loaded."""
+    code = (
+        "import sys, json, sparseml.transformers.text_classification, sparseml.transformers.export\n"
+        "from obert_modifiers import compat\n"
+        "loaded = sorted((f.name, m) for f in compat.FIXES.values() for m in f.modules if m in sys.modules)\n"
+        "print(json.dumps({'loaded': loaded, 'applied': compat.applied_fixes()}))\n"
+    )
+    result = _run([sys.executable, "-c", code], _env(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {name for name, _ in report["loaded"]} == set(compat.FIXES)  # every fix has a loaded target
+    assert report["applied"] == report["loaded"]
+
+
+def test_unknown_fix_name_warns(monkeypatch):
+    monkeypatch.setenv(compat.DISABLE_ENV, "qconfig_slots, no_such_fix")
+    with pytest.warns(RuntimeWarning, match="no_such_fix"):
+        assert compat.disabled_fixes() == {"qconfig_slots"}
+    monkeypatch.setenv(compat.DISABLE_ENV, "all")
+    assert compat.disabled_fixes() == set(compat.FIXES)
+
+
+# --------------------------------------------------------------------------------------------
+# analytics are off by default
+# --------------------------------------------------------------------------------------------
+
+
+def test_analytics_disabled_by_default_in_every_process():
+    env = {k: v for k, v in os.environ.items() if k not in ("NM_DISABLE_ANALYTICS", "OBERT_ALLOW_ANALYTICS")}
+    code = (
+        "import os; print(os.environ.get('NM_DISABLE_ANALYTICS'));"
+        "import sparsezoo.analytics as a;"
+        "print(bool(a.sparsezoo_analytics._disabled), a.analytics_disabled())"
+    )
+    result = _run([sys.executable, "-c", code], env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    # set by the .pth hook before anything else runs, and honoured by sparsezoo's own check
+    assert result.stdout.split() == ["1", "True", "1"]
+
+    opted_in = _run(
+        [sys.executable, "-c", "import os; print(os.environ.get('NM_DISABLE_ANALYTICS'))"],
+        {**env, "OBERT_ALLOW_ANALYTICS": "1"},
+    )
+    assert opted_in.stdout.strip() == "None"

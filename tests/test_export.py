@@ -1,0 +1,284 @@
+"""Deployment folders: FP32 and INT8 parity with PyTorch, sparsity kept in the ONNX initializers,
+tampered files caught, nothing half-written, clear errors, and the ``sparseml.export`` trap."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+np = pytest.importorskip("numpy")
+
+from test_quantization import shared_artifacts  # noqa: E402  (shared, built once per session)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_bert_dir, tmp_path_factory):
+    return shared_artifacts(tiny_bert_dir, tmp_path_factory)
+
+
+def _ops(onnx_path: Path) -> list:
+    return [node.op_type for node in onnx.load(str(onnx_path)).graph.node]
+
+
+def test_fp32_deployment_folder_contents_and_parity(artifacts):
+    import onnxruntime as ort
+
+    result = artifacts["fp32"]
+    folder = result.path
+    for name in (
+        "model.onnx",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+        "special_tokens_map.json",
+        "export.json",
+    ):
+        assert (folder / name).is_file(), name
+    assert not result.quantized
+    assert result.max_abs_diff <= 1e-4 and result.tolerance == 1e-4
+    assert result.prediction_agreement == 1.0
+    manifest = json.loads((folder / "export.json").read_text())
+    assert manifest["format_version"] == 1 and manifest["task"] == "text-classification"
+    assert manifest["quantized"] is False and manifest["opset"] >= 13
+    assert manifest["num_layers"] == 4 and manifest["sequence_length"] == 64
+    assert manifest["num_parameters"] == result.num_parameters > 0
+    assert set(manifest["parity"]) >= {"max_abs_diff", "tolerance", "num_samples"}
+    assert manifest["parity"]["num_samples"] >= 8
+    assert set(manifest["sparsity"]) == {"overall", "per_layer"}
+    assert len(manifest["sparsity"]["per_layer"]) == 6 * 4 + 1  # encoder linears + pooler
+    assert manifest["source_model"] == str(Path(artifacts["source"]).resolve())
+    assert "created" in manifest
+    assert "QuantizeLinear" not in _ops(folder / "model.onnx")
+    # dynamic batch and sequence axes: any shape runs
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    for shape in [(1, 7), (5, 64), (2, 200)]:
+        feed = {i.name: np.ones(shape, dtype=np.int64) for i in session.get_inputs()}
+        assert session.run(None, feed)[0].shape == (shape[0], 5)
+    config = json.loads((folder / "config.json").read_text())
+    assert all(isinstance(v, str) for v in config["id2label"].values())
+
+
+def test_int8_deployment_from_safetensors_keeps_quantization_and_sparsity(artifacts):
+    result = artifacts["int8"]
+    folder = result.path
+    ops = _ops(folder / "model.onnx")
+    assert result.quantized
+    assert ops.count("MatMulInteger") >= 8 * 4  # 6 linears + 2 attention matmuls per layer
+    assert "QuantizeLinear" in ops
+    assert result.max_abs_diff <= result.tolerance
+    assert result.prediction_agreement == 1.0
+    assert (folder / "recipe.yaml").is_file()
+    assert "!OBertQuantizationModifier" in (folder / "recipe.yaml").read_text()
+    manifest = json.loads((folder / "export.json").read_text())
+    assert manifest["quantized"] is True
+    per_layer = manifest["sparsity"]["per_layer"]
+    encoder = {k: v for k, v in per_layer.items() if ".encoder." in k}
+    assert len(encoder) == 24 and all(v == pytest.approx(0.5, abs=1e-3) for v in encoder.values())
+    assert per_layer["bert.pooler.dense.weight"] == 0.0  # not pruned
+    # overall: weighted over encoder + pooler linears
+    assert manifest["sparsity"]["overall"] == pytest.approx(result.sparsity, abs=1e-5)
+    assert 0.45 < result.sparsity < 0.5
+    # INT8 is smaller than FP32 on disk
+    assert result.onnx_bytes < artifacts["fp32"].onnx_bytes / 2
+
+
+def test_pruned_weights_are_exact_zeros_in_exported_int8_initializers(artifacts):
+    """Every pruned weight exports as its zero point (dequantizes to exactly 0.0)."""
+    from obert_modifiers.export import onnx_weight_sparsity
+
+    sparsity = onnx_weight_sparsity(artifacts["int8"].path / "model.onnx")
+    encoder_weights = [v for v in sparsity.values() if 0.3 < v < 0.7]
+    assert len(encoder_weights) >= 6 * 4, sparsity
+    assert min(encoder_weights) >= 0.5 - 1e-3
+
+
+def _tamper(onnx_path: Path, out_path: Path, dtype, shape, change) -> str:
+    """Change the first initializer of ``dtype`` and ``shape`` (an encoder FFN matrix)."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    for init in model.graph.initializer:
+        array = numpy_helper.to_array(init)
+        if array.dtype == dtype and array.shape == shape:
+            init.CopyFrom(numpy_helper.from_array(change(array.copy()), init.name))
+            onnx.save(model, str(out_path))
+            return init.name
+    raise AssertionError(f"no {dtype} initializer of shape {shape} in {onnx_path}")
+
+
+def _negate_first_row(array):
+    array[0] = -array[0]
+    return array
+
+
+def _negate_first_row_uint8(array):  # zero point 128: q -> 256 - q mirrors the weight
+    array[0] = np.clip(256 - array[0].astype(np.int32), 0, 255).astype(np.uint8)
+    return array
+
+
+def test_parity_check_catches_a_weight_changed_after_fp32_export(artifacts, tmp_path):
+    from obert_modifiers.export import ParityError, check_parity, load_model
+
+    model, tokenizer, _ = load_model(artifacts["source"])
+    source = artifacts["fp32"].path / "model.onnx"
+    report = check_parity(model, source, tokenizer, quantized=False, sequence_length=64)
+    assert report.passed and report.max_abs_diff <= 1e-4
+
+    tampered = tmp_path / "tampered.onnx"
+    name = _tamper(source, tampered, np.float32, (64, 32), _negate_first_row)
+    with pytest.raises(ParityError) as error:
+        check_parity(model, tampered, tokenizer, quantized=False, sequence_length=64)
+    message = str(error.value)
+    assert "largest difference" in message and "output 'logits'" in message and "tolerance" in message, name
+    assert error.value.report.max_abs_diff > 1e-4
+
+
+def test_parity_check_catches_a_weight_changed_after_int8_export(artifacts, tmp_path):
+    from obert_modifiers.export import ParityError, check_parity, load_model
+
+    model, tokenizer, _ = load_model(artifacts["qat_dir"])
+    source = artifacts["int8"].path / "model.onnx"
+    assert check_parity(model, source, tokenizer, quantized=True, sequence_length=64).passed
+    tampered = tmp_path / "tampered-int8.onnx"
+    _tamper(source, tampered, np.uint8, (64, 32), _negate_first_row_uint8)
+    with pytest.raises(ParityError, match="largest difference") as error:
+        check_parity(model, tampered, tokenizer, quantized=True, sequence_length=64)
+    assert error.value.report.max_abs_diff > error.value.report.tolerance
+
+
+def test_failed_parity_leaves_no_folder(tiny_bert_dir, tmp_path):
+    from obert_modifiers.export import ParityError, export_deployment
+
+    target = tmp_path / "deployment"
+    with pytest.raises(ParityError):
+        # a negative tolerance can never be met: the export must stop before the rename
+        export_deployment(tiny_bert_dir, target, sequence_length=32, tolerance=-1.0, progress=False)
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []  # no staging folder left behind either
+
+
+def test_existing_folder_is_kept_without_overwrite(artifacts, tiny_bert_dir):
+    from obert_modifiers.export import ExportError, export_deployment
+
+    folder = artifacts["fp32"].path
+    before = (folder / "export.json").read_text()
+    with pytest.raises(ExportError, match="already exists"):
+        export_deployment(tiny_bert_dir, folder, progress=False)
+    assert (folder / "export.json").read_text() == before
+
+
+@pytest.mark.parametrize(
+    "setup,task,fragment",
+    [
+        ("missing", "text-classification", "does not exist"),
+        ("no-config", "text-classification", "has no config.json"),
+        ("no-weights", "text-classification", "has no weights"),
+        ("ok", "image-generation", "unknown task 'image-generation'"),
+    ],
+)
+def test_bad_inputs_name_the_problem(tiny_bert_dir, tmp_path, setup, task, fragment):
+    from obert_modifiers.export import ExportError, export_deployment
+
+    model_dir = tmp_path / "model"
+    if setup == "no-config":
+        model_dir.mkdir()
+        (model_dir / "pytorch_model.bin").write_bytes(b"")
+    elif setup == "no-weights":
+        model_dir.mkdir()
+        shutil.copyfile(tiny_bert_dir / "config.json", model_dir / "config.json")
+    elif setup == "ok":
+        model_dir = tiny_bert_dir
+    with pytest.raises(ExportError) as error:
+        export_deployment(model_dir, tmp_path / "out", task=task, progress=False)
+    assert fragment in str(error.value)
+    if setup != "ok":
+        assert str(model_dir) in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_that_does_not_fit_its_structure_is_an_error(artifacts, tmp_path):
+    """A QAT checkpoint without its recipe.yaml cannot be rebuilt: say so instead of exporting
+    random weights (what SparseML 1.8 does silently with safetensors)."""
+    from obert_modifiers.export import ExportError, load_model
+
+    broken = tmp_path / "no-recipe"
+    shutil.copytree(artifacts["qat_dir"], broken)
+    (broken / "recipe.yaml").unlink()
+    with pytest.raises(ExportError, match="the model does not have.*no recipe.yaml"):
+        load_model(broken)
+
+
+def test_cli_export_reports_errors_with_exit_code(tmp_path):
+    from typer.testing import CliRunner
+
+    from obert_modifiers.cli import _build
+
+    runner = CliRunner()
+    result = runner.invoke(_build(), ["export", str(tmp_path / "nope"), "--task", "text-classification"])
+    assert result.exit_code == 1
+    assert "does not exist" in result.output
+
+
+@pytest.mark.integration
+def test_sparseml_export_trap_vs_ours(artifacts, tmp_path):
+    """SparseML's new exporter (``sparseml.export``) ignores the v1 recipe.yaml: on a checkpoint
+    trained with a QAT recipe it exports a float graph (no quantization ops) whose outputs are not
+    the trained model's; ours exports INT8 and matches PyTorch."""
+    from obert_modifiers.export import check_parity, load_model
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(artifacts["qat_dir"], model_dir)
+    from safetensors.torch import load_file
+
+    # sparseml.export reads only pytorch_model.bin: give it one
+
+    torch.save(load_file(str(model_dir / "model.safetensors")), model_dir / "pytorch_model.bin")
+    (model_dir / "model.safetensors").unlink()
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "NM_DISABLE_ANALYTICS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    completed = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("sparseml.export")),
+            str(model_dir),
+            "--task",
+            "text-classification",
+            "--integration",
+            "transformers",
+            "--sequence_length",
+            "64",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    theirs = model_dir / "deployment" / "model.onnx"
+    their_ops = _ops(theirs)
+    assert "MatMulInteger" not in their_ops and "QuantizeLinear" not in their_ops
+    assert "MatMulInteger" in _ops(artifacts["int8"].path / "model.onnx")
+
+    model, tokenizer, _ = load_model(artifacts["qat_dir"])
+    ours = check_parity(
+        model, artifacts["int8"].path / "model.onnx", tokenizer, quantized=True, sequence_length=64
+    )
+    their_report = check_parity(
+        model, theirs, tokenizer, quantized=True, sequence_length=64, raise_on_failure=False
+    )
+    assert ours.passed and not their_report.passed
+    assert ours.max_abs_diff < their_report.max_abs_diff
