@@ -11,7 +11,7 @@ The pruned parameters are the six encoder linears of the first ``--layers`` laye
 85 M such weights; at ``fisher_block_size`` 50 SparseML needs 17 GB for them, more than this
 2-core machine can spare, so the default is 2 layers = 14.2 M weights).
 
-    python benchmarks/obs_step.py                    # 2 layers, 16 grads, B=50, 50 % target
+    python benchmarks/obs_step.py                    # 2 layers, 24 grads, B=50, 50 % target
     python benchmarks/obs_step.py --layers 12 --num-grads 64
 
 The last line is ``time_ratio=<ours/sparseml> mem_ratio=<ours/sparseml> mask_agreement=<fraction>``.
@@ -138,6 +138,7 @@ def worker(args: argparse.Namespace) -> None:
             grad_seconds=stats.grad_seconds,
             fisher_seconds=stats.fisher_seconds,
             inverse_seconds=stats.inverse_seconds,
+            score_seconds=stats.score_seconds,
             update_seconds=stats.update_seconds,
             num_groups=stats.num_groups,
             state_gb=stats.state_bytes / 2**30,
@@ -180,7 +181,7 @@ def main() -> None:
     parser.add_argument(
         "--layers", type=int, default=2, help="prune the linears of the first N encoder layers"
     )
-    parser.add_argument("--num-grads", type=int, default=16)
+    parser.add_argument("--num-grads", type=int, default=24)
     parser.add_argument("--block-size", type=int, default=50)
     parser.add_argument("--damp", type=float, default=1e-7)
     parser.add_argument("--sparsity", type=float, default=0.5)
@@ -275,7 +276,8 @@ def main() -> None:
     )
     breakdown = (
         f"ours: gradients {ours['grad_seconds']:.2f} s, Fisher accumulation {ours['fisher_seconds']:.2f} s, "
-        f"inverse {ours['inverse_seconds']:.2f} s, OBS update {ours['update_seconds']:.2f} s"
+        f"inverse {ours['inverse_seconds']:.2f} s, scores {ours['score_seconds']:.2f} s, "
+        f"OBS update {ours['update_seconds']:.2f} s"
     )
     print()
     print(settings)

@@ -49,9 +49,8 @@ METRICS_DIR = Path(__file__).resolve().parent / "resources" / "metrics"
 BUNDLED_METRICS = ("accuracy", "seqeval", "squad", "squad_v2", "glue")
 
 _LOGGER = logging.getLogger(__name__)
-_PATCHED = (
-    "_obert_compat_fixes"  # attribute on a patched function: the fixes applied to it, so each applies once
-)
+# attribute on a patched function: the fixes applied to it, so each applies once
+_PATCHED = "_obert_compat_fixes"
 # (fix name, module name) pairs applied in this process
 _applied: set[tuple[str, str]] = set()
 _scheduled = False
@@ -75,8 +74,8 @@ def _mark(wrapper: Any, original: Any, fix: str) -> Any:
 def qconfig_slots(module: ModuleType) -> None:
     """QAT: give SparseML QConfig objects that accept its ``quantization_scheme`` attribute.
 
-    Without it: since torch ~2.6 ``torch.ao.quantization.QConfig`` (a namedtuple) declares
-    ``__slots__ = ()``. ``QuantizationScheme.get_qconfig`` then fails on
+    Without it: in torch 2.13 ``torch.ao.quantization.QConfig`` (a namedtuple subclass) declares
+    ``__slots__ = ()`` (torch 2.3 did not). ``QuantizationScheme.get_qconfig`` then fails on
     ``qconfig.quantization_scheme = self`` with ``AttributeError: 'QConfig' object has no attribute
     'quantization_scheme'``: every QAT recipe (``QuantizationModifier``, ``!OBertQuantizationModifier``)
     fails in training and again at export of a QAT model.
@@ -98,12 +97,26 @@ def qconfig_slots(module: ModuleType) -> None:
     module._get_qconfig = _get_qconfig
 
 
+QCONFIG_CLASS = "QConfigWithScheme"  # a module attribute, so pickled QAT modules load again
+
+
 @functools.cache
 def _qconfig_with_dict(qconfig_type: type) -> type:
     if "__dict__" in dir(qconfig_type) or not hasattr(qconfig_type, "__slots__"):
         return qconfig_type
     # a subclass that does not declare __slots__ gets a per-instance __dict__
-    return type(qconfig_type.__name__, (qconfig_type,), {"__module__": __name__})
+    cls = type(QCONFIG_CLASS, (qconfig_type,), {"__module__": __name__, "__qualname__": QCONFIG_CLASS})
+    globals()[QCONFIG_CLASS] = cls
+    return cls
+
+
+def __getattr__(name: str) -> Any:
+    # unpickling a QAT module in a process where the fix has not run yet
+    if name == QCONFIG_CLASS:
+        from torch.ao.quantization import QConfig
+
+        return _qconfig_with_dict(QConfig)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,7 +402,8 @@ def offline_metrics(module: ModuleType) -> None:
             and not os.path.isfile(os.path.join(path, f"{path}.py"))
         ):
             path = str(METRICS_DIR / f"{path}.py")
-            kwargs["trust_remote_code"] = True  # our own file, shipped in this package
+            if len(args) < 5:  # trust_remote_code not given positionally: our own file, shipped with us
+                kwargs["trust_remote_code"] = True
         return original(path, *args, **kwargs)
 
     _mark(metric_module_factory, original, "offline_metrics")

@@ -24,8 +24,6 @@ import pytest
 
 from obert_modifiers import compat
 
-pytestmark = pytest.mark.integration
-
 PROBE = Path(__file__).parent / "plugins" / "compat_probe.py"
 BIN = Path(sys.executable).parent
 
@@ -177,6 +175,7 @@ def qat_model_bin(tmp_path_factory, qat_model) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_stock_training_with_gmp_obs_qat(qat_model):
     """Needs qconfig_slots (QAT), grad_sampler_loader (OBS) and offline_metrics (evaluation)."""
     from safetensors.torch import load_file
@@ -209,6 +208,7 @@ def _export(model_dir: Path, tmp: Path) -> Path:
     return model_dir.parent / "deployment" / "model.onnx"
 
 
+@pytest.mark.integration
 def test_stock_export_of_safetensors_qat_model_matches_bin_export(
     qat_model, qat_model_bin, data_dir, tmp_path
 ):
@@ -271,16 +271,19 @@ def enabled_probes(tmp_path_factory, tiny_bert_dir, data_dir, qat_model, qat_mod
     )
 
 
+@pytest.mark.integration
 def test_qconfig_slots(enabled_probes, tmp_path):
     assert enabled_probes["qconfig"] == {
         "is_qconfig": True,
         "scheme_kept": True,
         "weight_observer": "FakeQuantize",
+        "pickles": True,  # QAT modules holding these qconfigs can still be pickled
     }
     stderr = _failure(_probe(tmp_path, "qconfig", disable="qconfig_slots"))
     assert "AttributeError: 'QConfig' object has no attribute 'quantization_scheme'" in stderr
 
 
+@pytest.mark.integration
 def test_grad_sampler_loader(enabled_probes, tiny_bert_dir, data_dir, tmp_path):
     result = enabled_probes["grad_sampler"]
     assert result["train_loader"] == "DataLoaderShard"  # accelerate's loader, what SparseML trips over
@@ -303,6 +306,7 @@ def test_grad_sampler_loader(enabled_probes, tiny_bert_dir, data_dir, tmp_path):
     assert "TypeError: DataLoader.__init__() got an unexpected keyword argument 'gradient_state'" in stderr
 
 
+@pytest.mark.integration
 def test_onnx_dynamo_export(enabled_probes, tmp_path):
     result = enabled_probes["onnx"]
     assert result["max_abs_diff"] < 1e-5
@@ -312,6 +316,7 @@ def test_onnx_dynamo_export(enabled_probes, tmp_path):
     assert "ModuleNotFoundError: No module named 'onnxscript'" in stderr
 
 
+@pytest.mark.integration
 def test_safetensors_reload(enabled_probes, qat_model, tmp_path):
     result = enabled_probes["reload"]
     assert result["keys_compared"] == result["keys_saved"] > 400 and result["qat_keys"] > 20
@@ -322,6 +327,7 @@ def test_safetensors_reload(enabled_probes, qat_model, tmp_path):
     assert broken["keys_differing"] > 100, broken  # ...the restructured (QAT) parameters are random
 
 
+@pytest.mark.integration
 def test_reload_relative_path(enabled_probes, qat_model_bin, tmp_path):
     result = enabled_probes["reload_bin"]
     assert result["keys_compared"] == result["keys_saved"] > 400 and result["keys_differing"] == 0
@@ -331,6 +337,7 @@ def test_reload_relative_path(enabled_probes, qat_model_bin, tmp_path):
     assert f"FileNotFoundError: [Errno 2] No such file or directory: '{doubled}'" in stderr, stderr[-2000:]
 
 
+@pytest.mark.integration
 def test_safetensors_qat_detect(enabled_probes, qat_model, tmp_path):
     assert enabled_probes["reload"]["delayed_qat_load"] is True
     disabled = _results(
@@ -339,6 +346,7 @@ def test_safetensors_qat_detect(enabled_probes, qat_model, tmp_path):
     assert disabled["reload"]["delayed_qat_load"] is False
 
 
+@pytest.mark.integration
 def test_offline_metrics(enabled_probes, tmp_path):
     metrics = enabled_probes["metrics"]
     assert metrics["accuracy"] == {"accuracy": 0.75}
@@ -361,6 +369,7 @@ def test_every_fix_has_a_test_and_docs():
         assert fix.function.__doc__ and "Without it" in fix.function.__doc__, name
 
 
+@pytest.mark.integration
 def test_every_fix_reaches_the_stock_entry_points(tmp_path):
     """The lazy scheduling misses nothing: after importing the stock training and export modules,
     each fix has been applied to each of its modules that is loaded."""
@@ -390,6 +399,7 @@ def test_unknown_fix_name_warns(monkeypatch):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_analytics_disabled_by_default_in_every_process():
     env = {k: v for k, v in os.environ.items() if k not in ("NM_DISABLE_ANALYTICS", "OBERT_ALLOW_ANALYTICS")}
     code = (

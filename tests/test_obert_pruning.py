@@ -350,6 +350,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             {
                 "masks": [m.clone() for m in modifier.keep_masks],
                 "steps": modifier.pruning_steps_done,
+                "num_grads": modifier.last_stats.num_grads,
                 "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
@@ -370,6 +371,8 @@ def test_ddp_two_processes_compute_identical_masks(tmp_path):
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     zero, one = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert zero["steps"] == one["steps"] == 3
+    # each rank sampled 4 gradients on its own data; the Fisher of both ranks saw all 8
+    assert zero["num_grads"] == one["num_grads"] == 8
     for a, b in zip(zero["masks"], one["masks"], strict=False):
         assert torch.equal(a, b)
     kept = sum(int(m.sum()) for m in zero["masks"]) / sum(m.numel() for m in zero["masks"])

@@ -82,6 +82,7 @@ def make_qat_model_dir(source_dir: Path, out_dir: Path, *, strategy: str = "tens
 
     from sparseml.pytorch.optim import ScheduledModifierManager
 
+    torch.manual_seed(0)  # dropout: same trained weights every run
     model, tokenizer = load_tiny(source_dir)
     prune_half(model)
     manager = ScheduledModifierManager.from_yaml(QAT_RECIPE.format(start=0.0, freeze=1.0, strategy=strategy))

@@ -21,6 +21,7 @@ from obert_modifiers.zoo.client import (
     HubClientError,
     delete,
     free_port,
+    local_hub,
     pull,
     push,
     resolve,
@@ -38,7 +39,10 @@ API = "/api/v1"
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    server = start_hub(tmp_path_factory.mktemp("hub"), extra_args=LIMITS)
+    # SQLite by default; OBERT_HUB_TEST_DB=postgresql+psycopg://... runs these tests on PostgreSQL
+    server = start_hub(
+        tmp_path_factory.mktemp("hub"), extra_args=LIMITS, db_url=os.environ.get("OBERT_HUB_TEST_DB")
+    )
     yield server
     server.stop()
 
@@ -162,6 +166,28 @@ def test_publish_search_pull_delete(hub, deployment, tmp_path):
     assert blobs == {f["sha256"] for f in record["files"]}  # cache keyed by checksum
     # a second pull of the same model is served from the cache and the existing folder
     assert pull(STUB, hub.url, out=tmp_path / "pulled", cache=cache, progress=False) == path
+    # a tool that rewrites a pulled file in place does not poison the cache for the next pull
+    with open(tmp_path / "pulled" / "deployment" / "model.onnx", "r+b") as handle:
+        handle.write(b"garbage")
+    again = pull(STUB, hub.url, out=tmp_path / "pulled-again", cache=cache, progress=False).parent
+    assert sha((again / "deployment" / "model.onnx").read_bytes()) == paths["deployment/model.onnx"]["sha256"]
+
+    # content the hub already has is not sent again: a manifest alone publishes a copy
+    copy_stub = STUB.replace("pruned50", "pruned59")
+    manifest = {
+        "stub": copy_stub,
+        "files": [{k: f[k] for k in ("path", "size", "sha256")} for f in record["files"]],
+    }
+    check = httpx.post(f"{hub.url}{API}/publish/check", json=manifest, headers=auth(hub.token))
+    assert check.status_code == 200 and check.json()["missing"] == []
+    card_text = render_card(
+        ModelCard(**{**record["card"], "stub": copy_stub, "sparse_tag": "pruned59-none"}), "# c\n"
+    )
+    card_entry = next(f for f in manifest["files"] if f["path"] == "model.md")
+    card_entry.update(size=len(card_text.encode()), sha256=sha(card_text.encode()))
+    copied = raw_publish(hub, manifest, [(card_entry["sha256"], card_text.encode())])
+    assert copied.status_code == 201, copied.text
+    assert delete(copy_stub, hub.url, hub.token)["deleted"] == copy_stub
 
     assert delete(STUB, hub.url, hub.token)["deleted"] == STUB
     assert not visible(hub, STUB)
@@ -414,6 +440,7 @@ def test_clear_client_errors(hub, tmp_path):
         pull(STUB, down, progress=False)
     with pytest.raises(HubClientError, match="no hub URL"):
         os.environ.pop("OBERT_HUB_URL", None)
+        os.environ.pop("SPARSEZOO_API_URL", None)
         search()
     with pytest.raises(Exception, match="invalid stub"):
         pull("zoo:not/a/stub", hub.url)
@@ -519,3 +546,22 @@ def test_published_files_cannot_run_in_the_browser(hub, tmp_path):
     card = httpx.get(urls["model.md"])
     assert card.headers["content-type"].startswith("text/plain") and card.content == files["model.md"]
     delete(stub, hub.url, hub.token)
+
+
+def test_local_hub_starts_and_stops_a_server(tmp_path, monkeypatch):
+    with local_hub(tmp_path / "hub") as server:
+        assert server.token.startswith("obh_") and server.url.startswith("http://127.0.0.1:")
+        assert httpx.get(f"{server.url}{API}/health").json()["status"] == "ok"
+        monkeypatch.setenv("OBERT_HUB_URL", server.url)  # the default hub for the client
+        assert search()["total"] == 0
+    assert server.process.poll() is not None
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.url}{API}/health")
+
+
+def test_roundtrip_publishes_and_pulls_back(deployment, tmp_path):
+    from obert_modifiers.zoo import roundtrip
+
+    result = roundtrip(deployment, STUB, tmp_path, progress=False, dataset="rotten_tomatoes")
+    assert result["stub"] == STUB and result["pulled"] == tmp_path / "pulled" / "deployment"
+    assert (result["pulled"] / "model.onnx").read_bytes() == (deployment / "model.onnx").read_bytes()

@@ -297,7 +297,8 @@ class LowRankFisherInverse:
         self.num_blocks = self.block_offsets[-1]
         self.grads = torch.zeros(num_grads, self.num_blocks * block_size, device=self.device)
         self.factors: Tensor | None = None
-        self.num_grads = 0
+        self.rows = 0  # gradient rows held
+        self.num_grads = 0  # gradients they represent (the 1/m of the Fisher)
         self.damp = None
         self.inverted = False
         self._unpack, self._pack = symmetric_index(block_size, self.device)
@@ -309,9 +310,9 @@ class LowRankFisherInverse:
 
     @torch.no_grad()
     def add_gradient(self, grads: Sequence[Tensor], masks: Sequence[Tensor | None] | None = None) -> None:
-        if self.num_grads >= self.grads.shape[0]:
+        if self.rows >= self.grads.shape[0]:
             raise RuntimeError(f"LowRankFisherInverse holds at most {self.grads.shape[0]} gradients")
-        row = self.grads[self.num_grads]
+        row = self.grads[self.rows]
         for index, grad in enumerate(grads):
             start = self.block_offsets[index] * self.block_size
             target = row[start : start + self.numels[index]]
@@ -321,28 +322,37 @@ class LowRankFisherInverse:
             mask = masks[index] if masks is not None else None
             if mask is not None:
                 target.mul_(mask.reshape(-1).to(target.dtype))
+        self.rows += 1
         self.num_grads += 1
 
     def finish(self) -> None:
-        if self.num_grads < self.grads.shape[0]:
-            self.grads = self.grads[: self.num_grads].clone()
+        if self.rows < self.grads.shape[0]:
+            self.grads = self.grads[: self.rows].clone()
 
     def all_reduce(self) -> None:
-        """Gather every rank's gradients (equal counts per rank), so all ranks hold the same G."""
+        """Gather every rank's gradients so all ranks hold the same G. A rank with fewer gradients
+        pads with zero rows, which change nothing (the normalisation uses the true count)."""
         self.finish()
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
         world = torch.distributed.get_world_size()
         if world < 2:
             return
-        parts = [torch.empty_like(self.grads) for _ in range(world)]
-        torch.distributed.all_gather(parts, self.grads.contiguous())
+        counts = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+        torch.distributed.all_gather(counts, torch.tensor([self.rows], dtype=torch.long))
+        most = max(int(c) for c in counts)
+        local = self.grads
+        if local.shape[0] < most:
+            local = torch.cat([local, local.new_zeros(most - local.shape[0], local.shape[1])])
+        parts = [torch.empty_like(local) for _ in range(world)]
+        torch.distributed.all_gather(parts, local.contiguous())
         self.grads = torch.cat(parts)
-        self.num_grads = self.grads.shape[0]
+        self.rows = self.grads.shape[0]
+        self.num_grads = sum(int(c) for c in counts)
 
     def _block_grads(self, rows: Tensor) -> Tensor:
         """[len(rows), B, m] float64 gradients of the given global block indices."""
-        view = self.grads.view(self.num_grads, self.num_blocks, self.block_size)
+        view = self.grads.view(self.grads.shape[0], self.num_blocks, self.block_size)
         return view.index_select(1, rows).permute(1, 2, 0).double()
 
     @torch.no_grad()
@@ -355,13 +365,18 @@ class LowRankFisherInverse:
         if damp <= 0:
             raise ValueError(f"damp must be > 0, got {damp}")
         self.damp = float(damp)
-        m = self.num_grads
-        eye = torch.eye(m, dtype=torch.float64, device=self.device) * (m * self.damp)
+        m = self.grads.shape[0]  # rows held (>= num_grads under DDP padding)
+        identity = torch.eye(m, dtype=torch.float64, device=self.device)
+        eye = identity * (self.num_grads * self.damp)
         self.factors = torch.empty(self.num_blocks, m, m, dtype=torch.float64, device=self.device)
         for start in range(0, self.num_blocks, self.block_slice):
             rows = torch.arange(start, min(start + self.block_slice, self.num_blocks), device=self.device)
             g = self._block_grads(rows)
-            self.factors[rows] = torch.linalg.cholesky(g.transpose(1, 2) @ g + eye)
+            factor = torch.linalg.cholesky(g.transpose(1, 2) @ g + eye)
+            # keep L^-1 (K = L L^T): then K^-1 products are plain batched matmuls
+            self.factors[rows] = torch.linalg.solve_triangular(
+                factor, identity.expand_as(factor), upper=False
+            )
         self.inverted = True
 
     def _slices(self, index: int):
@@ -369,17 +384,15 @@ class LowRankFisherInverse:
         for start in range(first, last, self.block_slice):
             yield torch.arange(start, min(start + self.block_slice, last), device=self.device)
 
-    def _projection(self, rows: Tensor) -> tuple:
-        """(G [r,B,m], H = K^-1 G^T [r,m,B]) for the given block rows."""
-        g = self._block_grads(rows)
-        h = torch.cholesky_solve(g.transpose(1, 2), self.factors[rows])
-        return g, h
+    def _whitened(self, rows: Tensor) -> Tensor:
+        """W = L^-1 G^T [r, m, B] for the given block rows, so that F^-1 = (I - W^T W) / damp."""
+        return self.factors[rows] @ self._block_grads(rows).transpose(1, 2)
 
     def diag(self, index: int) -> Tensor:
         out = []
         for rows in self._slices(index):
-            g, h = self._projection(rows)
-            out.append(((1.0 - (g * h.transpose(1, 2)).sum(-1)) / self.damp).reshape(-1))
+            w = self._whitened(rows)
+            out.append(((1.0 - (w * w).sum(1)) / self.damp).reshape(-1))
         return torch.cat(out)[: self.numels[index]].float()
 
     def diag_subblocks(self, index: int, group: int) -> Tensor:
@@ -389,18 +402,16 @@ class LowRankFisherInverse:
         eye = torch.eye(group, dtype=torch.float64, device=self.device)
         out = []
         for rows in self._slices(index):
-            g, h = self._projection(rows)
-            gg = g.view(-1, per_block, group, g.shape[-1])  # [r, B/N, N, m]
-            hh = h.transpose(1, 2).reshape(-1, per_block, group, h.shape[1])  # [r, B/N, N, m]
-            sub = (eye - gg @ hh.transpose(-1, -2)) / self.damp
+            w = self._whitened(rows)  # [r, m, B]
+            runs = w.view(w.shape[0], w.shape[1], per_block, group).permute(0, 2, 3, 1)  # [r, B/N, N, m]
+            sub = (eye - runs @ runs.transpose(-1, -2)) / self.damp
             out.append(sub.reshape(-1, group, group))
         return torch.cat(out)[: self.numels[index] // group]
 
     def blocks_at(self, index: int, rows: Tensor, dtype=torch.float32) -> Tensor:
-        rows = rows + self.block_offsets[index]
-        g, h = self._projection(rows)
+        w = self._whitened(rows + self.block_offsets[index])
         eye = torch.eye(self.block_size, dtype=torch.float64, device=self.device)
-        return ((eye - g @ h) / self.damp).to(dtype)
+        return ((eye - w.transpose(1, 2) @ w) / self.damp).to(dtype)
 
     def blocks(self, index: int, start: int = 0, stop: int | None = None, dtype=torch.float32) -> Tensor:
         count = self.block_offsets[index + 1] - self.block_offsets[index]
@@ -418,22 +429,22 @@ class LowRankFisherInverse:
         g_r = g - g_q
         m = g.shape[-1]
         s = g_r.transpose(1, 2) @ g_r + torch.eye(m, dtype=torch.float64, device=self.device) * (
-            m * self.damp
+            self.num_grads * self.damp
         )
         t = g_q.transpose(1, 2) @ w.unsqueeze(-1)  # [r, m, 1]
         u = torch.cholesky_solve(t, torch.linalg.cholesky(s))
         x = (w.unsqueeze(-1) + g_q @ u).squeeze(-1) * q  # x / damp, zero off Q
-        k_inv_gt_x = torch.cholesky_solve(
-            g.transpose(1, 2) @ x.unsqueeze(-1), self.factors[rows + self.block_offsets[index]]
-        )
+        inv_factor = self.factors[rows + self.block_offsets[index]]  # L^-1
+        k_inv_gt_x = inv_factor.transpose(1, 2) @ (inv_factor @ (g.transpose(1, 2) @ x.unsqueeze(-1)))
         return -(x - (g @ k_inv_gt_x).squeeze(-1)).to(weights.dtype)
 
     def spill_state(self) -> dict:
-        return {"grads": self.grads, "factors": self.factors, "damp": self.damp}
+        return {"grads": self.grads, "factors": self.factors, "damp": self.damp, "num_grads": self.num_grads}
 
     def load_spilled(self, state: dict) -> None:
         self.grads, self.factors, self.damp = state["grads"], state["factors"], state["damp"]
-        self.num_grads = self.grads.shape[0]
+        self.num_grads = state["num_grads"]
+        self.rows = self.grads.shape[0]
         self.inverted = True
 
     def release(self) -> None:

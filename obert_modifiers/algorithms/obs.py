@@ -152,6 +152,7 @@ class PruneStepStats:
     grad_seconds: float = 0.0
     fisher_seconds: float = 0.0
     inverse_seconds: float = 0.0
+    score_seconds: float = 0.0
     update_seconds: float = 0.0
     num_grads: int = 0
     num_groups: int = 0
@@ -324,7 +325,8 @@ def _one_recomputation(
     for g_index, members_idx in enumerate(groups):
         members = [params[i] for i in members_idx]
         member_ids = {id(p) for p in members}
-        frozen = [p for p in all_trainable if id(p) not in member_ids] if len(groups) > 1 else []
+        # only this group's weight gradients are needed: the backward skips every other weight
+        frozen = [p for p in all_trainable if id(p) not in member_ids]
         fisher = make_fisher(
             [params[i].numel() for i in members_idx],
             block_size,
@@ -344,8 +346,10 @@ def _one_recomputation(
         tick = time.perf_counter()
         fisher.invert(damp)
         stats.inverse_seconds += time.perf_counter() - tick
+        tick = time.perf_counter()
         for local, i in enumerate(members_idx):
             scores[i] = _scores_for(fisher, local, params[i].detach(), keep_masks[i], group)
+        stats.score_seconds += time.perf_counter() - tick
         if len(groups) == 1 or not global_sparsity:
             if not global_sparsity:  # layer-wise: this group can be finished right away
                 _finish_group(

@@ -38,9 +38,9 @@ def register(app: typer.Typer) -> None:
         ),
         batch_size: int = typer.Option(1, "--batch-size", "-b"),
         sequence_length: int | None = typer.Option(
-            None, "--sequence-length", "-s", help="[default: export.json's sequence_length, else 128]"
+            None, "--sequence-length", "-s", help="(default: export.json's sequence_length, else 128)"
         ),
-        num_cores: int | None = typer.Option(None, "--num-cores", "-n", help="[default: all cores]"),
+        num_cores: int | None = typer.Option(None, "--num-cores", "-n", help="(default: all cores)"),
         seconds: float = typer.Option(5.0, "--seconds", "-t", help="Timed seconds per engine"),
         warmup: float = typer.Option(1.0, "--warmup", "-w", help="Warm-up seconds per engine"),
         baseline: Path | None = typer.Option(

@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
             help="Sequence length of the export sample and of the parity batch padded to full length",
         ),
         out: Path | None = typer.Option(
-            None, "--out", "-o", help="Deployment folder [default: MODEL_DIR/deployment]"
+            None, "--out", "-o", help="Deployment folder (default: MODEL_DIR/deployment)"
         ),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing deployment folder"),
     ) -> None:

@@ -246,11 +246,9 @@ class OBertDistillationModifier(ScheduledUpdateModifier):
         total = algo.combine_losses(
             loss, kd, self._hardness, hidden, self._hidden_weight, attention, self._attention_weight
         )
-        self._logged = {"task_loss": loss, "distillation_loss": kd, "total_loss": total}
-        if hidden is not None:
-            self._logged["hidden_loss"] = hidden
-        if attention is not None:
-            self._logged["attention_loss"] = attention
+        terms = {"task_loss": loss, "distillation_loss": kd, "total_loss": total}
+        terms.update({"hidden_loss": hidden, "attention_loss": attention})
+        self._logged = {k: v.detach() for k, v in terms.items() if v is not None}
         return total
 
     def optimizer_pre_step(self, module: nn.Module, optimizer, epoch: float, steps_per_epoch: int) -> None:
@@ -335,7 +333,7 @@ class OBertDistillationModifier(ScheduledUpdateModifier):
     # hidden states / attention --------------------------------------------------------
     def _hook_teacher(self) -> None:
         _, layers = find_encoder_layers(self._teacher)
-        self._teacher_hooks = _cache_hooks(layers, self._teacher_cache, self._attention_weight > 0)
+        self._teacher_hooks = _cache_hooks(layers, self._teacher_cache, self._attention_weight > 0, False)
 
     def _hook_student(self, module: nn.Module) -> None:
         _, layers = find_encoder_layers(module)
@@ -346,7 +344,7 @@ class OBertDistillationModifier(ScheduledUpdateModifier):
             handle.remove()
         self._student_cache["hidden"].clear()
         self._student_cache["attention"].clear()
-        self._student_hooks = _cache_hooks(layers, self._student_cache, self._attention_weight > 0)
+        self._student_hooks = _cache_hooks(layers, self._student_cache, self._attention_weight > 0, True)
         self._hooked_student_ids = ids
         _, teacher_layers = find_encoder_layers(self._teacher)
         recorded = getattr(getattr(module, "config", None), LAYER_MAP_KEY, None)
@@ -417,14 +415,16 @@ def _without_projection_group(_optimizer, state_dict: dict) -> dict:
     return state_dict
 
 
-def _cache_hooks(layers: nn.ModuleList, cache: dict, attention: bool) -> list:
+def _cache_hooks(layers: nn.ModuleList, cache: dict, attention: bool, training_only: bool) -> list:
     """Forward hooks that store each layer's output hidden states (and, for attention distillation,
-    the attention probabilities entering the attention dropout) in ``cache`` while training or for
-    the teacher (which runs in eval mode)."""
+    the attention probabilities entering the attention dropout) in ``cache``; with ``training_only``
+    (the student) nothing is kept from evaluation passes."""
     handles = []
     for index, layer in enumerate(layers):
 
-        def hidden_hook(_module, _args, output, index=index):
+        def hidden_hook(module, _args, output, index=index):
+            if training_only and not module.training:
+                return
             cache["hidden"][index] = output[0] if isinstance(output, tuple) else output
 
         handles.append(layer.register_forward_hook(hidden_hook))
@@ -432,7 +432,9 @@ def _cache_hooks(layers: nn.ModuleList, cache: dict, attention: bool) -> list:
             dropout = _attention_dropout(layer)
             if dropout is not None:
 
-                def attention_hook(_module, args, index=index):
+                def attention_hook(module, args, index=index):
+                    if training_only and not module.training:
+                        return
                     cache["attention"][index] = args[0]
 
                 handles.append(dropout.register_forward_pre_hook(attention_hook))

@@ -201,8 +201,8 @@ class LayerDropModifier(ScheduledModifier):
             return algo.uniform_keep(num_layers, self._keep)
         return None  # importance: needs data
 
-    def _match_history(self, module: nn.Module) -> list[int] | None:
-        """The kept indices of an earlier application of this drop recorded in the model config."""
+    def _match_history(self, module: nn.Module) -> tuple[int, list[int]] | None:
+        """``(layers_before, kept)`` of an earlier application of this drop recorded in the config."""
         history = algo.drop_history(module)
         if not history:
             return None
@@ -221,7 +221,7 @@ class LayerDropModifier(ScheduledModifier):
                 and kept != algo.uniform_keep(before, self._keep)
             ):
                 continue
-            return kept
+            return before, kept
         return None
 
     def _apply(self, module: nn.Module) -> None:
@@ -232,9 +232,9 @@ class LayerDropModifier(ScheduledModifier):
         previous = self._match_history(module)
         if previous is not None:
             _LOGGER.info(
-                f"!{_NAME}: the model already had this drop applied (kept {previous}); nothing to do"
+                f"!{_NAME}: the model already had this drop applied (kept {previous[1]}); nothing to do"
             )
-            self._record(self._history_before(module, previous), previous)
+            self._record(*previous)
             self._applied = True
             return
         num_layers = self._resolve_num_layers(current)
@@ -254,10 +254,6 @@ class LayerDropModifier(ScheduledModifier):
             f"!{_NAME}: dropped encoder layers {dropped} of {num_layers} ('{name}'); "
             f"kept layer -> original index: {layer_map}"
         )
-
-    @staticmethod
-    def _history_before(module: nn.Module, kept: list[int]) -> int:
-        return next(before for before, k in algo.drop_history(module) if k == kept)
 
     def _record(self, num_layers: int, kept: list[int]) -> None:
         # recorded in the recipe that is saved with the model (ModifierProp setters are locked after

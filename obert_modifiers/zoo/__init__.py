@@ -20,6 +20,7 @@ _LAZY = {
     "search": ("obert_modifiers.zoo.client", "search"),
     "delete": ("obert_modifiers.zoo.client", "delete"),
     "local_hub": ("obert_modifiers.zoo.client", "local_hub"),
+    "roundtrip": ("obert_modifiers.zoo.client", "roundtrip"),
     "start_hub": ("obert_modifiers.zoo.client", "start_hub"),
     "HubClientError": ("obert_modifiers.zoo.client", "HubClientError"),
     "parse_stub": ("obert_modifiers.zoo.stubs", "parse_stub"),

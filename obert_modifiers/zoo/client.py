@@ -1,8 +1,8 @@
 """Hub client: push a model folder under a stub, pull a stub (sha256-verified, resumable,
 cached by checksum), search, delete; and ``local_hub()`` to run a throwaway hub on loopback.
 
-The hub URL comes from ``url=``, else ``$OBERT_HUB_URL``; the write token from ``token=``, else
-``$OBERT_HUB_TOKEN``. Downloads are cached under ``$OBERT_HUB_CACHE`` (default
+The hub URL comes from ``url=``, else ``$OBERT_HUB_URL``, else ``$SPARSEZOO_API_URL``; the write
+token from ``token=``, else ``$OBERT_HUB_TOKEN``. Downloads are cached under ``$OBERT_HUB_CACHE`` (default
 ``~/.cache/obert_modifiers/hub``): ``blobs/<sha256>`` for content, ``models/<stub>/`` for pulled
 folders.
 """
@@ -44,9 +44,11 @@ class HubClientError(RuntimeError):
 
 
 def hub_url(url: str | None = None) -> str:
-    value = url or os.environ.get("OBERT_HUB_URL")
+    value = url or os.environ.get("OBERT_HUB_URL") or os.environ.get("SPARSEZOO_API_URL")
     if not value:
-        raise HubClientError("no hub URL: pass url=/--url or set OBERT_HUB_URL (e.g. http://127.0.0.1:8000)")
+        raise HubClientError(
+            "no hub URL: pass url=/--url or set OBERT_HUB_URL (or SPARSEZOO_API_URL), e.g. http://127.0.0.1:8000"
+        )
     return value.rstrip("/")
 
 
@@ -97,8 +99,10 @@ def _raise_for(response: httpx.Response, what: str) -> None:
 
 @contextlib.contextmanager
 def _http(url: str) -> Iterator[httpx.Client]:
+    https = url.lower().startswith("https://")
     try:
-        with httpx.Client(base_url=url, timeout=TIMEOUT, follow_redirects=True) as client:
+        # plain-http hubs skip loading the CA bundle (tens of ms per client); https verifies as usual
+        with httpx.Client(base_url=url, timeout=TIMEOUT, follow_redirects=https, verify=https) as client:
             yield client
     except httpx.ConnectError as error:
         raise HubClientError(f"cannot reach the hub at {url}: is it running? ({error})") from None
@@ -274,16 +278,34 @@ def push(
         with _http(base) as client:
             check = client.post(f"{API_PREFIX}/publish/check", json=manifest, headers=headers)
             _raise_for(check, f"publish {stub}")
-            total = sum(p.stat().st_size for p in blobs.values())
-            with _progress(total, f"upload {stub.rsplit('/', 1)[-1]}", progress) as bar:
-                content_type, length, body = _multipart(manifest, blobs, bar)
-                response = client.post(
-                    f"{API_PREFIX}/models",
-                    content=body,
-                    headers={**headers, "Content-Type": content_type, "Content-Length": str(length)},
-                )
+            # content the hub already stores (an earlier version, another model) is not sent again
+            missing = set(check.json()["missing"])
+            to_send = {
+                sha: path
+                for sha, path in blobs.items()
+                if any(e["sha256"] == sha and e["path"] in missing for e in entries)
+            }
+            response = _send(client, manifest, to_send, headers, stub, progress)
+            if response.status_code == 400 and any(
+                text in response.text for text in ("was not uploaded", "upload incomplete")
+            ):
+                # the hub dropped content it had (its model was deleted meanwhile): send everything
+                response = _send(client, manifest, blobs, headers, stub, progress)
             _raise_for(response, f"publish {stub}")
             return response.json()
+
+
+def _send(
+    client: httpx.Client, manifest: dict, blobs: dict[str, Path], headers: dict, stub: str, progress: bool
+) -> httpx.Response:
+    total = sum(p.stat().st_size for p in blobs.values())
+    with _progress(total, f"upload {stub.rsplit('/', 1)[-1]}", progress) as bar:
+        content_type, length, body = _multipart(manifest, blobs, bar)
+        return client.post(
+            f"{API_PREFIX}/models",
+            content=body,
+            headers={**headers, "Content-Type": content_type, "Content-Length": str(length)},
+        )
 
 
 # --------------------------------------------------------------------------------------- reads
@@ -366,17 +388,28 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _valid_blob(path: Path, size: int, sha: str) -> bool:
+    """A cached blob is reused only if it still has its checksum: pulled folders hard-link the cache,
+    so a tool that rewrites a pulled file in place also changes the cached blob."""
+    if not path.is_file() or path.stat().st_size != size:
+        return False
+    if sha256_file(path) == sha:
+        return True
+    path.unlink(missing_ok=True)
+    return False
+
+
 def fetch_blob(client: httpx.Client, file: dict, blobs: Path, bar) -> Path:
     """Download one file into the checksum cache (resuming a partial download with Range) and
     verify its sha256; a cached blob is reused."""
     sha, size = file["sha256"], int(file["size"])
     target = blobs / sha[:2] / sha
-    if target.is_file() and target.stat().st_size == size:
+    if _valid_blob(target, size, sha):
         bar.update(size)
         return target
     partial = target.with_name(sha + ".partial")
     with _locked(target.with_name(sha + ".lock")):
-        if target.is_file() and target.stat().st_size == size:
+        if _valid_blob(target, size, sha):
             bar.update(size)
             return target
         digest = hashlib.sha256()
@@ -461,7 +494,10 @@ def _pull(
         for rel, blob in local.items():
             dest = staging / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(blob, dest)  # a copy: tools that rewrite files in place must not touch the cache
+            try:
+                os.link(blob, dest)  # no second copy of the bytes; the cache re-checks blobs before reuse
+            except OSError:  # another file system, or links not supported
+                shutil.copyfile(blob, dest)
         (staging / MARKER).write_text(json.dumps({"stub": record["stub"], "id": record["id"]}))
         if target.exists():
             old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
@@ -516,13 +552,14 @@ def start_hub(
     token_name: str = "local",
     extra_args: list[str] | None = None,
     timeout: float = 60.0,
+    db_url: str | None = None,
 ) -> LocalHub:
-    """Start ``python -m obert_modifiers.zoo.server`` on loopback with SQLite + a store under
-    ``root_dir`` and a fresh write token; returns once it answers."""
+    """Start ``python -m obert_modifiers.zoo.server`` on loopback with SQLite (or ``db_url``) + a
+    store under ``root_dir`` and a fresh write token; returns once it answers."""
     root = Path(root_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    db_url, store = f"sqlite:///{root / 'hub.db'}", root / "store"
+    db_url, store = db_url or f"sqlite:///{root / 'hub.db'}", root / "store"
     out_path, log_path = root / f"hub-{port}.out", root / "hub.log"
     command = [
         sys.executable,
@@ -580,3 +617,26 @@ def local_hub(root_dir: str | os.PathLike, **kwargs: Any) -> Iterator[LocalHub]:
         yield hub
     finally:
         hub.stop()
+
+
+def roundtrip(
+    folder: str | os.PathLike,
+    stub: str,
+    root_dir: str | os.PathLike,
+    *,
+    training: str | os.PathLike | None = None,
+    progress: bool = True,
+    **card_facts: Any,
+) -> dict:
+    """Publish ``folder`` to a throw-away hub on loopback and pull it back by stub (what ``make demo``
+    ends with): returns ``{"stub", "url", "files", "pulled"}`` after checking every pulled file
+    against the sha256 the hub recorded."""
+    root = Path(root_dir)
+    with local_hub(root / "hub") as hub:
+        record = push(folder, stub, hub.url, hub.token, training=training, progress=progress, **card_facts)
+        pulled = pull(record["stub"], hub.url, out=root / "pulled", cache=root / "cache", progress=progress)
+        layout = pulled.parent
+        for entry in record["files"]:
+            if sha256_file(layout / entry["path"]) != entry["sha256"]:
+                raise HubClientError(f"round trip of {stub}: {entry['path']} differs after the pull")
+        return {"stub": record["stub"], "url": hub.url, "files": len(record["files"]), "pulled": pulled}

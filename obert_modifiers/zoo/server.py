@@ -67,7 +67,7 @@ def _served_type(path: str) -> tuple[str, bool]:
     guessed = mimetypes.guess_type(path)[0] or ""
     if guessed in _INLINE_IMAGES:
         return guessed, True
-    if guessed.startswith("text/") or path.endswith((".md", ".yaml", ".yml", ".txt", ".json")):
+    if path.endswith((".md", ".yaml", ".yml", ".txt", ".json", ".csv")):
         return ("application/json" if path.endswith(".json") else "text/plain; charset=utf-8"), True
     return "application/octet-stream", False
 
@@ -503,7 +503,7 @@ def create_app(
             manifest, card, body = receiver.finish()
             model = await run_in_threadpool(hub.commit, manifest, owner, receiver.staged, card, body)
         _LOGGER.info("published %s (%s) by %s", model.stub, model.id, owner)
-        return JSONResponse(model_detail(hub.get(model.id), base_url(request)), status_code=201)
+        return JSONResponse(model_detail(model, base_url(request)), status_code=201)
 
     @app.delete(f"{API_PREFIX}/models/{{model_id}}", tags=["models"], responses=ERRORS)
     def delete_model(model_id: str, owner: Owner) -> dict[str, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pickle
 from pathlib import Path
 
 _current = ""
@@ -32,6 +33,7 @@ def probe_qconfig(options: argparse.Namespace) -> None:
             "is_qconfig": isinstance(qconfig, torch.ao.quantization.QConfig),
             "scheme_kept": qconfig.quantization_scheme is scheme and wrapper.quantization_scheme is scheme,
             "weight_observer": type(qconfig.weight()).__name__,
+            "pickles": pickle.loads(pickle.dumps(qconfig)).quantization_scheme == scheme,
         }
     )
 
