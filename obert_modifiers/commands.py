@@ -294,6 +294,7 @@ def _print_data(out: Path, info: dict) -> None:
     console = _console()
     console.print(table)
     console.print(
-        f"de-duplicated {info['dedup']['raw']} -> {sum(info['counts'].values())} texts; "
+        f"{info['dedup']['raw']} texts, "
+        f"{info['dedup']['unique'] - info['dedup']['conflicting_labels_dropped']} after de-duplication; "
         f"majority-class test accuracy {info['majority_class_test_accuracy']:.3f}; seed {info['seed']}"
     )

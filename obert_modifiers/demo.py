@@ -115,6 +115,7 @@ def run_with_progress(command: Sequence[str], log_path: Path, cwd: Path, descrip
         ) as progress,
     ):
         task = progress.add_task(description, total=None)
+        totals: list[int] = []  # one per tqdm bar seen: training steps first, then evaluation batches
         process = subprocess.Popen(
             command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
@@ -132,6 +133,12 @@ def run_with_progress(command: Sequence[str], log_path: Path, cwd: Path, descrip
             matches = PROGRESS_PATTERN.findall(buffer.decode("utf-8", "replace"))
             if matches:
                 done, total = map(int, matches[-1])
+                if not totals or (total != totals[-1] and done <= 1):
+                    totals.append(total)
+                    label = (
+                        description if len(totals) == 1 else f"{description}: evaluation {len(totals) - 1}"
+                    )
+                    progress.update(task, description=label)
                 progress.update(task, completed=done, total=total)
         code = process.wait()
     if code != 0:
@@ -180,7 +187,9 @@ def weight_sparsity(model_dir: Path, pattern: str = r"bert\.encoder\.layer\.\d+\
     }
 
 
-def onnx_test_accuracy(deployment: Path, test_csv: Path, limit: int | None = None) -> tuple[float, int]:
+def onnx_test_accuracy(
+    deployment: Path, test_csv: Path, limit: int | None = None, console: Any = None
+) -> tuple[float, int]:
     """Accuracy of the exported ``model.onnx`` on ``test.csv`` with ONNX Runtime (the deployment's
     own tokenizer and ``config.json`` labels): proves the exported file is the trained model."""
     import numpy as np
@@ -203,7 +212,12 @@ def onnx_test_accuracy(deployment: Path, test_csv: Path, limit: int | None = Non
     batch = shape[0] if isinstance(shape[0], int) else 32
     length = shape[1] if isinstance(shape[1], int) else EXPORT_SEQUENCE_LENGTH
     correct = 0
-    for start in range(0, len(rows), batch):
+    starts = range(0, len(rows), batch)
+    if console is not None:
+        from rich.progress import track
+
+        starts = track(starts, description="ONNX Runtime on the test split", console=console)
+    for start in starts:
         chunk = rows[start : start + batch]
         texts = [text for text, _ in chunk]
         pad = batch - len(texts) if isinstance(shape[0], int) else 0
@@ -348,7 +362,7 @@ def run_demo(
         raise DemoError(f"export of {model_dir} to {deployment} failed: {error}") from error
     deployment = Path(getattr(export, "path", deployment))
     onnx_path = deployment / "model.onnx"
-    onnx_accuracy, _ = onnx_test_accuracy(deployment, data_dir / "test.csv")
+    onnx_accuracy, _ = onnx_test_accuracy(deployment, data_dir / "test.csv", console=console)
     onnx_size = onnx_path.stat().st_size
     onnx_gzip = gzip_bytes(onnx_path)
     console.print(
@@ -487,7 +501,8 @@ def print_summary(summary: dict, out_dir: Path, console: Any) -> None:
             f"{row['median_ms']:.2f} ms",
             f"median, p90 {row.get('p90_ms', float('nan')):.2f} ms, "
             f"{row.get('items_per_second', 0):.0f} items/s, "
-            f"batch {row.get('batch_size')}, seq {row.get('sequence_length')}, cores {row.get('num_cores')}",
+            f"batch {row.get('batch_size')}, seq {row.get('sequence_length')}, "
+            f"cores {row.get('num_cores') or 'all'}",
         )
     table.add_row(
         "wall time",

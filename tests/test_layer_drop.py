@@ -236,6 +236,19 @@ def test_importance_scores_identity_layer_lowest(tiny_bert_dir):
     assert model.training
 
 
+def test_greedy_order_rescores_with_earlier_choices_skipped(tiny_bert_dir):
+    model = _with_identity_layer(tiny_bert_dir, 3)
+    batches = _batches(2)
+    order = algo.greedy_drop_order(model, batches, lambda outputs, _target: outputs.loss, 2)
+    assert order[0] == (3, 0.0)  # the identity layer goes first
+    second, score = order[1]
+    alone = algo.layer_importance(model, batches, lambda outputs, _target: outputs.loss)
+    with_three = algo.layer_importance(model, batches, lambda o, _t: o.loss, skipped=[3])
+    assert with_three[3] == math.inf and second == algo.least_important(with_three, 1)[0]
+    assert score == pytest.approx(with_three[second])
+    assert with_three[second] == pytest.approx(alone[second], rel=1e-5)  # skipping an identity changes nothing
+
+
 def test_importance_strategy_drops_identity_layer_first_via_manager(tiny_bert_dir):
     model = _with_identity_layer(tiny_bert_dir, 1)
     manager = _manager(

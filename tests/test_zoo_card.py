@@ -177,6 +177,7 @@ def test_torch_checkpoint_read_without_torch(tiny_bert_dir):
         np.testing.assert_array_equal(ours[name], tensor.numpy())
 
 
+@pytest.mark.integration
 def test_zoo_modules_do_not_import_torch():
     code = (
         "import sys\n"
@@ -188,3 +189,26 @@ def test_zoo_modules_do_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().replace("'", '"')) == []
+
+
+@pytest.mark.integration
+def test_obert_card_command(tmp_path):
+    deployment = make_deployment(tmp_path / "dep")
+
+    def obert(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "obert_modifiers.cli", *args], capture_output=True, text=True, timeout=120
+        )
+
+    done = obert(
+        "card", str(deployment), "--stub", STUB, "--metric", "accuracy=0.8", "--dense", "accuracy=0.85"
+    )
+    assert done.returncode == 0, done.stderr
+    card, body = read_card(deployment / "model.md")
+    assert card.stub == STUB and card.metrics[0].dense_value == 0.85 and "-0.0500" in body
+    bad = obert("card", str(deployment), "--metric", "accuracy")
+    assert bad.returncode != 0 and "NAME=NUMBER" in bad.stderr
+    refused = obert("card", str(tmp_path / "nowhere"))
+    assert (
+        refused.returncode == 1 and "no such folder" in refused.stderr and "Traceback" not in refused.stderr
+    )

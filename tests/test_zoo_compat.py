@@ -192,7 +192,7 @@ def test_web_pages_in_headless_chromium(published):
             browser.close()
 
 
-def test_card_markdown_cannot_inject_html(published, tmp_path):
+def test_card_markdown_cannot_inject_html():
     from obert_modifiers.zoo.web import render_markdown
 
     html = render_markdown(

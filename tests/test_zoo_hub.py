@@ -559,9 +559,58 @@ def test_local_hub_starts_and_stops_a_server(tmp_path, monkeypatch):
         httpx.get(f"{server.url}{API}/health")
 
 
-def test_roundtrip_publishes_and_pulls_back(deployment, tmp_path):
+def test_roundtrip_publishes_and_pulls_back(hub, deployment, tmp_path):
     from obert_modifiers.zoo import roundtrip
 
     result = roundtrip(deployment, STUB, tmp_path, progress=False, dataset="rotten_tomatoes")
     assert result["stub"] == STUB and result["pulled"] == tmp_path / "pulled" / "deployment"
     assert (result["pulled"] / "model.onnx").read_bytes() == (deployment / "model.onnx").read_bytes()
+    # a pulled (zoo-layout) folder can be published again under another stub: its card follows the stub
+    other = STUB.replace("rotten_tomatoes", "sst2")
+    record = push(tmp_path / "pulled", other, hub.url, hub.token, progress=False)
+    assert record["card"]["stub"] == other and record["card"]["dataset"] == "sst2"
+    card_text = httpx.get(f"{hub.url}{API}/models/{record['id']}/card").text
+    assert f"obert zoo pull {other}" in card_text and STUB not in card_text
+    assert {f["path"] for f in record["files"]} == {
+        p.relative_to(tmp_path / "pulled").as_posix()
+        for p in (tmp_path / "pulled").rglob("*")
+        if p.is_file() and not p.name.startswith(".")
+    }
+    delete(other, hub.url, hub.token)
+
+
+def test_obert_zoo_serve_command(tmp_path, deployment):
+    db_url = f"sqlite:///{tmp_path / 'hub.db'}"
+    cli = [sys.executable, "-m", "obert_modifiers.cli", "zoo"]
+    token = subprocess.run(
+        [*cli, "token", "create", "ci", "--db", db_url], capture_output=True, text=True, timeout=120
+    )
+    assert token.returncode == 0 and token.stdout.strip().startswith("obh_"), token.stderr
+    refused = subprocess.run(
+        [*cli, "serve", "--db", db_url, "--store", "s3://bucket/models"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 1 and "not supported yet" in refused.stderr
+    port = free_port()
+    server = subprocess.Popen(
+        [*cli, "serve", "--db", db_url, "--store", str(tmp_path / "store"), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert _wait_for(lambda: _up(url), timeout=60)
+        record = push(deployment, STUB, url, token.stdout.strip(), progress=False)
+        assert record["owner"] == "ci" and resolve(STUB, url)["owner"] == "ci"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}{API}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

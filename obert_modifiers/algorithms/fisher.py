@@ -275,8 +275,8 @@ class LowRankFisherInverse:
 
     so only the gradients (m numbers per weight) and the Cholesky factors of the small K_b are
     stored, and every product costs O(B*m) instead of O(B^2) per block. Used when the total number
-    of gradients is at most B/2 (then the gradients take less memory than the packed blocks); the
-    dense :class:`BlockFisherInverse` is used otherwise. Same interface."""
+    of gradients is at most B/4 (see :func:`use_low_rank`); the dense :class:`BlockFisherInverse`
+    is used otherwise. Same interface."""
 
     def __init__(
         self,
@@ -453,8 +453,10 @@ class LowRankFisherInverse:
 
 
 def use_low_rank(num_grads: int, block_size: int) -> bool:
-    """Few gradients (m <= B/2): keeping them is cheaper in memory and time than dense blocks."""
-    return num_grads <= block_size // 2
+    """Few gradients (m <= B/4): keeping them (O(d*m) memory, O(d*m^2) work) is cheaper than dense
+    blocks (O(d*B) memory, O(d*B^2) work); measured on CPU, the O(m^2) float64 work per weight
+    overtakes the dense path's LAPACK calls from about m = B/2."""
+    return num_grads <= block_size // 4
 
 
 def fisher_state_bytes(numel: int, block_size: int, chunk_size: int, num_grads: int) -> int:

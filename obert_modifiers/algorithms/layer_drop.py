@@ -13,9 +13,10 @@ that plain ``from_pretrained`` loads. Two extra config entries record what happe
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -114,9 +115,11 @@ def layer_importance(
     loss_fn: Callable[[object, object], torch.Tensor],
     layers: nn.ModuleList | None = None,
     progress: Callable[[int], None] | None = None,
+    skipped: Sequence[int] = (),
 ) -> list[float]:
     """How much each encoder layer matters for the loss: for every batch, the absolute change of the
-    loss when that one layer is skipped (its input passed through), averaged over batches.
+    loss (against the full model) when that layer is skipped (its input passed through) together with
+    the layers in ``skipped``, averaged over batches; layers in ``skipped`` score ``inf``.
 
     The magnitude is used, not the sign: on a model whose head is not yet trained, skipping a layer
     lowers the loss about as often as it raises it, and what distillation has to recover is how far the
@@ -126,6 +129,7 @@ def layer_importance(
     """
     if layers is None:
         _, layers = find_encoder_layers(model)
+    skipped = set(skipped)
     was_training = model.training
     model.eval()
     totals = [0.0] * len(layers)
@@ -133,8 +137,12 @@ def layer_importance(
     try:
         for inputs, target in batches:
             base = float(loss_fn(model(**inputs), target))
-            for index, layer in enumerate(layers):
-                with skip_layer(layer):
+            for index in range(len(layers)):
+                if index in skipped:
+                    continue
+                with ExitStack() as stack:
+                    for other in (*skipped, index):
+                        stack.enter_context(skip_layer(layers[other]))
                     totals[index] += abs(float(loss_fn(model(**inputs), target)) - base)
             count += 1
             if progress is not None:
@@ -143,7 +151,34 @@ def layer_importance(
         model.train(was_training)
     if count == 0:
         raise LayerDropError("layer importance needs at least one batch of data; the data loader was empty")
-    return [total / count for total in totals]
+    return [math.inf if i in skipped else total / count for i, total in enumerate(totals)]
+
+
+def greedy_drop_order(
+    model: nn.Module,
+    batches: Sequence[tuple[Mapping[str, torch.Tensor], object]],
+    loss_fn: Callable[[object, object], torch.Tensor],
+    num_drop: int,
+    layers: nn.ModuleList | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[tuple[int, float]]:
+    """Choose ``num_drop`` layers one at a time: each round scores the remaining layers with
+    :func:`layer_importance` given the layers already chosen (so interactions count: two layers that
+    are each harmless alone may not be harmless together) and takes the lowest (ties: the later
+    layer). Returns ``[(layer index, score when chosen), ...]`` in the order chosen; ``batches`` is
+    read once per round. Costs ``num_drop`` rounds of ``len(layers) - round`` forward passes per batch.
+    """
+    if layers is None:
+        _, layers = find_encoder_layers(model)
+    if not 0 <= num_drop < len(layers):
+        raise LayerDropError(f"cannot drop {num_drop} of {len(layers)} layers")
+    chosen: list[tuple[int, float]] = []
+    for _ in range(num_drop):
+        skipped = [index for index, _ in chosen]
+        scores = layer_importance(model, batches, loss_fn, layers, progress, skipped)
+        index = least_important(scores, 1)[0]
+        chosen.append((index, scores[index]))
+    return chosen
 
 
 def drop_history(model: nn.Module) -> list[tuple[int, list[int]]]:

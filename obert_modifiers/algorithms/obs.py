@@ -221,6 +221,11 @@ def obs_prune_step(
     numels = [p.numel() for p in params]
     local_grads = math.ceil(num_grads / world)
     total_grads = local_grads * world
+    if budget is not None and chunk_size is None:
+        # a tight budget shrinks the gradient buffer (fewer gradients per batched update) first
+        largest = max(numels)
+        while chunk > 1 and fisher_state_bytes(largest, fisher_block_size, chunk, total_grads) > budget:
+            chunk -= 1
     groups = plan_groups(numels, fisher_block_size, chunk, budget, total_grads)
     stats = PruneStepStats(num_groups=len(groups))
     stats.state_bytes = max(

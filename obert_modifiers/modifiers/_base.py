@@ -83,7 +83,7 @@ def unknown_key_message(modifier_cls: type, key: str) -> str:
     """A message for a recipe key the modifier does not take, with the closest valid keys."""
     valid = accepted_keys(modifier_cls)
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "."
     return (
         f"!{modifier_cls.__name__}: unknown recipe key '{key}'{hint} "
         f"Valid keys: {', '.join(sorted(valid))}"

@@ -283,12 +283,17 @@ class LayerDropModifier(ScheduledModifier):
                 return loss_function(outputs, target)
             return outputs["loss"] if isinstance(outputs, dict) else outputs[0]
 
-        with tqdm(total=len(batches), desc="LayerDrop: scoring layer importance", leave=False) as bar:
-            scores = algo.layer_importance(module, batches, loss_fn, layer_list, progress=bar.update)
         num_drop = len(layer_list) - self._keep
-        dropped = algo.least_important(scores, num_drop)
+        with tqdm(
+            total=num_drop * len(batches), desc="LayerDrop: scoring layer importance", leave=False
+        ) as bar:
+            order = algo.greedy_drop_order(
+                module, batches, loss_fn, num_drop, layer_list, progress=bar.update
+            )
+        dropped = sorted(index for index, _ in order)
         _LOGGER.info(
-            f"!{_NAME}: layer importance (|loss change| when skipped): {[round(s, 5) for s in scores]}"
+            f"!{_NAME}: layers dropped in order (|loss change| with the earlier ones skipped): "
+            + ", ".join(f"{index} ({score:.4g})" for index, score in order)
         )
         return [i for i in range(len(layer_list)) if i not in dropped]
 

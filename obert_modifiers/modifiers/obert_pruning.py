@@ -151,7 +151,6 @@ class OBertPruningModifier(ScheduledUpdateModifier):
             update_frequency=frequency,
             min_frequency=0.0,
         )
-        self._schedule = PruningSchedule(init, final, start, end, frequency, inter_func)
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -167,6 +166,18 @@ class OBertPruningModifier(ScheduledUpdateModifier):
         self._resume_epoch = 0.0
         self._resume_steps: int | None = None
         self._last_stats = None
+
+    @property
+    def _schedule(self) -> PruningSchedule:
+        # built from the current props: staged recipes shift start/end with advance_epochs
+        return PruningSchedule(
+            self._init_sparsity,
+            self._final_sparsity,
+            self.start_epoch,
+            self.end_epoch,
+            self.update_frequency,
+            self._inter_func,
+        )
 
     # ------------------------------------------------------------------ recipe properties
     @BaseModifier.sparsification_types.getter

@@ -196,6 +196,8 @@ def assemble(
         wanted = parse_stub(stub)
         update = {k: v for k, v in wanted.fields().items()}
         if card.stub_fields() != update or card.stub != str(wanted):
+            if card.stub:  # the body quotes the stub (title, how to run it)
+                body = body.replace(card.stub, str(wanted))
             card = card.model_copy(update={**update, "stub": str(wanted)})
             (workdir / CARD_NAME).write_text(render_card(card, body), encoding="utf-8")
             files[CARD_NAME] = workdir / CARD_NAME
