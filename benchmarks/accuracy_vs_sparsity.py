@@ -219,7 +219,7 @@ def main() -> None:
     parser.add_argument("--grad-batch", type=int, default=16)
     parser.add_argument("--damp", type=float, default=1e-7)
     parser.add_argument("--block-size", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="OMP threads per training run")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--max-train", type=int, default=None)
     parser.add_argument("--max-eval", type=int, default=None)

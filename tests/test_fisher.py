@@ -39,10 +39,10 @@ def test_inverse_matches_direct_inverse(num_grads, chunk):
         expected = torch.stack(_reference_blocks(grads[index], n, block, damp))
         got = fisher.blocks(index, dtype=torch.float64)
         assert got.shape == expected.shape
-        # float32 statistics: agreement to float32 precision relative to each block's scale
-        assert _relative_error(got, expected) < 1e-5
+        # float32 statistics and float32 (Jacobi-scaled) Cholesky: float32-level agreement
+        assert _relative_error(got, expected) < 1e-4
         diag = expected.diagonal(dim1=1, dim2=2).reshape(-1)[:n]
-        assert _relative_error(fisher.diag(index).double(), diag) < 1e-5
+        assert _relative_error(fisher.diag(index).double(), diag) < 1e-4
 
 
 def test_masked_gradients_decouple_pruned_weights():
@@ -59,7 +59,7 @@ def test_masked_gradients_decouple_pruned_weights():
     assert blocks[0, 1, 1].item() == pytest.approx(1 / damp, rel=1e-5)
     assert blocks[0, 1].abs().sum().item() == pytest.approx(1 / damp, rel=1e-5)
     expected = _reference_blocks(grads * mask, 8, block, damp)
-    assert _relative_error(blocks, torch.stack(expected)) < 1e-5
+    assert _relative_error(blocks, torch.stack(expected)) < 1e-4
 
 
 def test_subblocks_are_the_diagonal_groups():
@@ -111,12 +111,12 @@ def test_low_rank_form_equals_dense_blocks():
     for index in (0, 1):
         assert (
             _relative_error(low.blocks(index, dtype=torch.float64), dense.blocks(index, dtype=torch.float64))
-            < 1e-5
+            < 1e-4
         )
-        assert _relative_error(low.diag(index).double(), dense.diag(index).double()) < 1e-5
+        assert _relative_error(low.diag(index).double(), dense.diag(index).double()) < 1e-4
         assert (
             _relative_error(low.diag_subblocks(index, 4).double(), dense.diag_subblocks(index, 4).double())
-            < 1e-5
+            < 1e-4
         )
     weights = torch.randn(3, block)
     prune = torch.rand(3, block) > 0.5

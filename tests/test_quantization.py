@@ -241,7 +241,7 @@ def test_saved_qat_model_reloads_through_structure(tiny_bert_dir, tmp_path):
     "key,value,fragment",
     [
         ("weight_strategy", "row", "'weight_strategy'"),
-        ("end_epoch", "3.0", "'end_epoch'"),
+        ("end_epoch", "0.5", "'end_epoch'"),
         ("freeze_observer_epoch", "-0.5", "'freeze_observer_epoch'"),
         ("quantize_matmuls", "maybe", "'quantize_matmuls'"),
         ("exclude", "[1, 2]", "'exclude'"),
@@ -261,6 +261,27 @@ modifiers:
         ScheduledModifierManager.from_yaml(recipe)
     assert fragment in str(error.value)
     assert "OBertQuantizationModifier" in str(error.value)
+
+
+def test_recipe_composed_on_top_of_a_qat_model_still_loads():
+    """Training further from a QAT model makes SparseML compose a staged recipe, which writes the
+    QAT stage's last epoch into end_epoch; that recipe must load (and QAT must stay on)."""
+    from sparseml.pytorch.optim import ScheduledModifierManager
+
+    base = ScheduledModifierManager.from_yaml(QAT_RECIPE.format(start=0.0, freeze=1.0, strategy="tensor"))
+    extra = ScheduledModifierManager.from_yaml(
+        "modifiers:\n  - !EpochRangeModifier\n    start_epoch: 0.0\n    end_epoch: 1.0\n"
+    )
+    staged = ScheduledModifierManager.compose_staged(str(base), str(extra))
+    reloaded = ScheduledModifierManager.from_yaml(str(staged))
+    (qat_modifier,) = [
+        m for m in reloaded.iter_modifiers() if m.__class__.__name__ == "OBertQuantizationModifier"
+    ]
+    assert qat_modifier.end_epoch == 2.0
+    assert any(
+        m.__class__.__name__ == "EpochRangeModifier" and m.start_epoch == 2.0
+        for m in reloaded.iter_modifiers()
+    )
 
 
 def test_numeric_strings_are_accepted():

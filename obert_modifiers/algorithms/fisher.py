@@ -16,7 +16,8 @@ Here the same inverse is computed in two batched phases:
    slice of blocks (a rank-``chunk`` Woodbury-style update of the statistics, so the O(d*B) state is
    touched once per chunk instead of three times per gradient);
 2. inversion: ``damp*I + Gram/m`` is inverted block by block with a batched Cholesky in float64
-   (exact, better conditioned than m chained rank-1 updates in float32 when damp is 1e-7).
+   (Jacobi-scaled batched Cholesky, float64 where float32 fails; no drift from m chained rank-1
+   updates).
 
 The symmetric blocks are stored packed (upper triangle, B(B+1)/2 numbers per block), which halves
 the state: total memory is about ``d * ((B + 1) / 2 + chunk) * 4`` bytes (see ``state_bytes``).
@@ -62,6 +63,35 @@ def state_bytes(numel: int, block_size: int, chunk_size: int, element_bytes: int
     padded = padded_numel(numel, block_size)
     blocks = padded // block_size
     return element_bytes * (blocks * packed_size(block_size) + chunk_size * padded)
+
+
+def spd_inverse(matrices: Tensor) -> Tensor:
+    """Inverses of a batch of symmetric positive definite float32 matrices.
+
+    Jacobi-scaled (unit diagonal, which removes the 1/damp vs O(1) spread of the entries) and
+    Cholesky-inverted in float32 (about 3x faster than float64 LAPACK on CPU); matrices whose
+    float32 factorisation fails are redone in float64."""
+    scale = matrices.diagonal(dim1=1, dim2=2).rsqrt()
+    outer = scale.unsqueeze(2) * scale.unsqueeze(1)
+    factor, info = torch.linalg.cholesky_ex(matrices * outer)
+    inverse = torch.cholesky_inverse(factor) * outer
+    failed = torch.nonzero(info).flatten()
+    if failed.numel():
+        inverse[failed] = torch.linalg.inv(matrices[failed].double()).to(matrices.dtype)
+    return inverse
+
+
+def spd_solve(matrices: Tensor, rhs: Tensor) -> Tensor:
+    """Solve SPD systems [n, B, B] x = rhs [n, B] (float32, Jacobi-scaled Cholesky; float64 for the
+    systems whose float32 factorisation fails)."""
+    scale = matrices.diagonal(dim1=1, dim2=2).rsqrt()
+    scaled = matrices * (scale.unsqueeze(2) * scale.unsqueeze(1))
+    factor, info = torch.linalg.cholesky_ex(scaled)
+    x = torch.cholesky_solve((rhs * scale).unsqueeze(-1), factor).squeeze(-1) * scale
+    failed = torch.nonzero(info).flatten()
+    if failed.numel():
+        x[failed] = torch.linalg.solve(matrices[failed].double(), rhs[failed].double()).to(x.dtype)
+    return x
 
 
 _INDEX_CACHE: dict = {}
@@ -193,17 +223,13 @@ class BlockFisherInverse:
             raise RuntimeError("no gradients were added to the Fisher estimate")
         if damp <= 0:
             raise ValueError(f"damp must be > 0, got {damp}")
-        eye = torch.eye(self.block_size, dtype=torch.float64, device=self.device)
+        eye = torch.eye(self.block_size, device=self.device)
         for start in range(0, self.num_blocks, self.block_slice):
             stop = min(start + self.block_slice, self.num_blocks)
-            fisher = self._unpacked(start, stop, torch.float64)
+            fisher = self._unpacked(start, stop)
             fisher.div_(self.num_grads).add_(eye, alpha=damp)
-            factor, info = torch.linalg.cholesky_ex(fisher)
-            if bool((info != 0).any()):  # not expected with damp > 0; fall back to a general inverse
-                inverse = torch.linalg.inv(fisher)
-            else:
-                inverse = torch.cholesky_inverse(factor)
-            self.packed[start:stop] = inverse.reshape(stop - start, -1).index_select(1, self._pack).float()
+            inverse = spd_inverse(fisher)
+            self.packed[start:stop] = inverse.reshape(stop - start, -1).index_select(1, self._pack)
         self.inverted = True
 
     # ------------------------------------------------------------------ access

@@ -28,6 +28,7 @@ from obert_modifiers.algorithms.fisher import (
     fisher_state_bytes,
     make_fisher,
     padded_numel,
+    spd_solve,
 )
 from obert_modifiers.algorithms.sparsity import (
     expand_group_mask,
@@ -80,15 +81,23 @@ def block_saliency(weight: Tensor, finv_subblocks: Tensor) -> Tensor:
 
 def obs_update_blocks(finv_blocks: Tensor, weights: Tensor, prune: Tensor) -> Tensor:
     """Joint OBS update per Fisher block: for blocks [n, B, B], weights [n, B] and a boolean prune
-    set [n, B] returns dw [n, B] = -F^-1 e_Q ([F^-1]_QQ)^-1 w_Q (so w + dw is 0 on Q)."""
-    finv = finv_blocks.double()
-    w = weights.double()
+    set [n, B] returns dw [n, B] = -F^-1 e_Q ([F^-1]_QQ)^-1 w_Q (so w + dw is 0 on Q).
+
+    Computed in the dtype of ``finv_blocks``: float64 exactly (LU), float32 with a Jacobi-scaled
+    Cholesky (the system is SPD) that falls back to float64 where float32 fails."""
+    dtype = finv_blocks.dtype
+    finv = finv_blocks
+    w = weights.to(dtype)
     q = prune.to(torch.bool)
-    pair = (q.unsqueeze(2) & q.unsqueeze(1)).double()
+    pair = (q.unsqueeze(2) & q.unsqueeze(1)).to(dtype)
     # [F^-1]_QQ on the pruned coordinates, identity elsewhere: the solution is 0 off Q
-    system = finv * pair + torch.diag_embed((~q).double())
-    x = torch.linalg.solve(system, (w * q.double()).unsqueeze(-1))
-    return -(finv @ x).squeeze(-1).to(weights.dtype)
+    system = finv * pair + torch.diag_embed((~q).to(dtype))
+    rhs = w * q.to(dtype)
+    if dtype == torch.float64:
+        x = torch.linalg.solve(system, rhs.unsqueeze(-1)).squeeze(-1)
+    else:
+        x = spd_solve(system, rhs)
+    return -(finv @ x.unsqueeze(-1)).squeeze(-1).to(weights.dtype)
 
 
 @torch.no_grad()

@@ -50,7 +50,9 @@ class OBertQuantizationModifier(ScheduledModifier):
     """Quantization-aware training to INT8 for BERT, keeping pruned weights at exactly zero.
 
     :param start_epoch: epoch at which fake quantization starts (-1: from the beginning)
-    :param end_epoch: must be -1 (QAT stays on to the end; the export converts it)
+    :param end_epoch: -1; QAT stays on to the end (the export converts it). A number >= start_epoch
+        is accepted and only marks the end of the recipe stage (SparseML's ``compose_staged``
+        writes one when a later recipe builds on this model); it does not switch QAT off
     :param freeze_observer_epoch: epoch after which quantization ranges stop updating
         (None: never before export; export always freezes them)
     :param weight_strategy: ``tensor`` (one scale per weight) or ``channel`` (per output row)
@@ -77,9 +79,11 @@ class OBertQuantizationModifier(ScheduledModifier):
         if start < 0 and start != -1:
             raise RecipeParameterError(_NAME, "start_epoch", start_epoch, "a number >= 0, or -1")
         end = coerce_float(_NAME, "end_epoch", end_epoch)
-        if end != -1:
+        # QAT cannot be switched off once started: the end only marks the stage end. SparseML's
+        # compose_staged writes the stage's last epoch here when a later recipe builds on this one.
+        if end != -1 and end < max(start, 0.0):
             raise RecipeParameterError(
-                _NAME, "end_epoch", end_epoch, "-1 (QAT cannot be switched off once started)"
+                _NAME, "end_epoch", end_epoch, f"-1 (QAT stays on), or a number >= start_epoch ({start})"
             )
         freeze = coerce_float(_NAME, "freeze_observer_epoch", freeze_observer_epoch, allow_none=True)
         if freeze is not None and freeze < max(start, 0.0):
@@ -100,7 +104,7 @@ class OBertQuantizationModifier(ScheduledModifier):
             if exclude is None
             else coerce_str_list(_NAME, "exclude", exclude, allow_empty=True)
         )
-        super().__init__(start_epoch=start, end_epoch=-1.0, end_comparator=-1)
+        super().__init__(start_epoch=start, end_epoch=end, end_comparator=-1)
         self._reset_state()
 
     def _reset_state(self) -> None:
