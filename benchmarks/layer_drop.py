@@ -9,13 +9,17 @@ in a subprocess, driven by ``recipes/``):
    self``) or plainly (``--distill_teacher disable``), for the same number of epochs;
 3. each model exported with :func:`obert_modifiers.export.export_deployment` (ONNX parity checked),
    scored on the test split with ONNX Runtime, and timed with :func:`obert_modifiers.bench.run_benchmark`
-   (ONNX Runtime, batch 1, sequence 128).
+   (ONNX Runtime, batch 1, sequence 128, 1 core; all models interleaved over ``--bench-rounds`` rounds,
+   the median of the per-round medians reported, so load from other processes hits every model alike).
 
 Writes ``docs/results/layer_drop.json``, ``docs/results/layer_drop.png`` and the ``layer_drop`` section
 of ``docs/results.md``. ``--quick`` trains on a slice (minutes on 2 cores); the full run follows the
 DATA.md reference point (2 epochs, all 10.8 k training snippets; about an hour on 2 idle cores).
 
-    python benchmarks/layer_drop.py --quick
+    python benchmarks/layer_drop.py --quick [--work-dir DIR [--reuse]]
+
+``--work-dir`` keeps the data, teacher and students; ``--reuse`` then skips training the teacher and
+students found there (re-export, re-score and re-time only).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -176,7 +181,8 @@ def measure(name: str, model_dir: Path, work: Path, test_rows: list, args, extra
 
 def time_all(rows: list, args) -> None:
     """ONNX Runtime latency of every model, interleaved over ``args.bench_rounds`` rounds so that load
-    from other processes hits all models alike; each model keeps its lowest median (and its medians)."""
+    from other processes hits all models alike; each model reports the median of its per-round
+    medians (all of them are kept in the JSON): robust to a round that was lucky or unlucky."""
     from obert_modifiers.bench import run_benchmark
 
     for round_index in range(args.bench_rounds):
@@ -190,7 +196,7 @@ def time_all(rows: list, args) -> None:
             row["ort_status"] = bench.status
     for row in rows:
         medians = [m for m in row["ort_medians_ms"] if m is not None]
-        row["ort_median_ms"] = min(medians) if medians else None
+        row["ort_median_ms"] = statistics.median(medians) if medians else None
 
 
 def plot(rows: list, path: Path) -> None:
@@ -233,7 +239,10 @@ def main() -> None:
     parser.add_argument(
         "--bench-seconds", type=float, default=None, help="ORT timing per model (10; quick 3)"
     )
-    parser.add_argument("--bench-rounds", type=int, default=3, help="interleaved timing rounds (3)")
+    parser.add_argument("--bench-rounds", type=int, default=5, help="interleaved timing rounds (5)")
+    parser.add_argument(
+        "--reuse", action="store_true", help="reuse students already trained in --work-dir (same settings)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="OMP threads for training (default 1)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the models here (default: temp)")
@@ -253,7 +262,7 @@ def main() -> None:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="obert-layer-drop-"))
     work.mkdir(parents=True, exist_ok=True)
     data_dir = work / "data"
-    if not (data_dir / "train.csv").exists():
+    if not (args.reuse and (data_dir / "train.csv").exists()):
         prepare(
             "rt", data_dir, max_train=args.max_train, max_eval=200 if args.quick else None, seed=args.seed
         )
@@ -270,11 +279,13 @@ def main() -> None:
     teacher_recipe = work / "teacher_recipe.yaml"
     teacher_recipe.write_text(TEACHER_RECIPE.format(epochs=args.teacher_epochs))
     teacher_out = work / "teacher-train"
-    if not (teacher_out / "pytorch_model.bin").exists():
+    if not (args.reuse and (teacher_out / "pytorch_model.bin").exists()):
         log(f"teacher: fine-tuning MiniLM-L6 for {args.teacher_epochs} epoch(s)")
         seconds, _ = train(minilm_l6_dir(), data_dir, teacher_out, teacher_recipe, "disable", args)
         log(f"teacher: trained in {seconds:.0f} s")
     teacher = work / "teacher"
+    if teacher.exists() and not args.reuse:
+        shutil.rmtree(teacher)
     if not teacher.exists():
         clean_copy(teacher_out, teacher)
     rows.append(
@@ -283,13 +294,19 @@ def main() -> None:
 
     for index, (name, strategy, distil) in enumerate(STUDENTS):
         out = work / f"student-{index}"
-        log(f"{name}: training {args.epochs} epoch(s)")
-        seconds, _ = train(
-            teacher, data_dir, out, RECIPE, "self" if distil else "disable", args,
-            recipe_args={"drop_strategy": strategy, "num_epochs": args.epochs},
-        )  # fmt: skip
-        for leftover in ("optimizer.pt", "scheduler.pt"):
-            (out / leftover).unlink(missing_ok=True)
+        marker = out / "train_seconds.json"
+        if args.reuse and marker.exists():
+            seconds = json.loads(marker.read_text())["seconds"]
+            log(f"{name}: reusing the model trained earlier in {out}")
+        else:
+            log(f"{name}: training {args.epochs} epoch(s)")
+            seconds, _ = train(
+                teacher, data_dir, out, RECIPE, "self" if distil else "disable", args,
+                recipe_args={"drop_strategy": strategy, "num_epochs": args.epochs},
+            )  # fmt: skip
+            for leftover in ("optimizer.pt", "scheduler.pt"):
+                (out / leftover).unlink(missing_ok=True)
+            marker.write_text(json.dumps({"seconds": seconds}))
         extra = {"strategy": strategy, "distilled": distil, "train_seconds": round(seconds, 1)}
         rows.append(measure(name, out, work, test_rows, args, extra))
 
@@ -301,8 +318,14 @@ def main() -> None:
         )
     best_plain = max(r["test_accuracy"] for r in rows[1:] if not r["distilled"])
     best_distilled = max(r["test_accuracy"] for r in rows[1:] if r["distilled"])
+    by_arm = {(r["strategy"], r["distilled"]): r["test_accuracy"] for r in rows[1:]}
+    teacher_accuracy = rows[0]["test_accuracy"]
     summary = {
         "distillation_gain": best_distilled - best_plain,
+        "distillation_gain_uniform": by_arm[("uniform", True)] - by_arm[("uniform", False)],
+        "distillation_gain_importance": by_arm[("importance", True)] - by_arm[("importance", False)],
+        "accuracy_95ci_half_width": 1.96
+        * (teacher_accuracy * (1 - teacher_accuracy) / len(test_rows)) ** 0.5,
         "target_distillation_recovers_more": best_distilled > best_plain,
         "speedup_3_vs_6_layers": min(r["speedup_vs_teacher"] or 0 for r in rows[1:]),
         "target_speedup_1_8x": min(r["speedup_vs_teacher"] or 0 for r in rows[1:]) >= 1.8,
@@ -315,7 +338,7 @@ def main() -> None:
         "test_snippets": len(test_rows),
         "max_seq_length_train": 64,
         "benchmark": (
-            f"ONNX Runtime, batch 1, sequence 128, 1 core, best of {args.bench_rounds} interleaved medians"
+            f"ONNX Runtime, batch 1, sequence 128, 1 core, median of {args.bench_rounds} interleaved rounds"
         ),
         "recipe": str(RECIPE.relative_to(ROOT)),
     }
@@ -350,7 +373,11 @@ def main() -> None:
             "",
             table,
             "",
-            f"Distillation gain (best distilled - best fine-tuned): {summary['distillation_gain']:+.4f}; "
+            f"Distillation gain (best distilled - best fine-tuned): {summary['distillation_gain']:+.4f} "
+            f"(uniform {summary['distillation_gain_uniform']:+.4f}, importance "
+            f"{summary['distillation_gain_importance']:+.4f}); with {len(test_rows)} test snippets an "
+            f"accuracy's 95 % interval is about +/-{summary['accuracy_95ci_half_width']:.3f}, so differences "
+            "smaller than that are noise. "
             f"3-layer vs 6-layer ORT speed-up: {summary['speedup_3_vs_6_layers']:.2f}x (target >= 1.8x). "
             f"Machine load (1 min) at the end: {os.getloadavg()[0]:.1f}.",
             "",

@@ -21,6 +21,7 @@ import importlib.machinery
 import os
 import sys
 import threading
+import warnings
 from typing import Callable, Dict, List
 
 # module name -> callbacks to run once that module has executed (each at most once per process)
@@ -116,5 +117,8 @@ def install() -> None:
         _installed = True
         if os.environ.get("OBERT_ALLOW_ANALYTICS", "0") != "1":
             os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+        # SparseML 1.8 imports pkg_resources (setuptools < 81 is pinned for it); its deprecation
+        # notice on every SparseML start says nothing a user can act on
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
         sys.meta_path.insert(0, _AfterImportFinder())
     after_import(MODIFIERS_MODULE, _register_with_sparseml)

@@ -226,7 +226,18 @@ def render_card(card: ModelCard, body: str) -> str:
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """Loads SparseML recipes without SparseML: ``!Tag`` mappings become {'__type__': Tag, ...}."""
+    """Loads SparseML recipes without SparseML: ``!Tag`` mappings become {'__type__': Tag, ...}.
+
+    SparseML registers its modifier tags on ``yaml.SafeLoader`` itself (a process-wide table), and
+    exact-tag constructors win over multi-constructors; so this loader keeps its own table with the
+    standard YAML tags only, and every ``!Tag`` reaches :func:`_tagged` whether SparseML is loaded or not.
+    """
+
+    yaml_constructors = {
+        tag: constructor
+        for tag, constructor in yaml.SafeLoader.yaml_constructors.items()
+        if tag is None or tag.startswith("tag:yaml.org,2002:")
+    }
 
 
 def _tagged(loader: yaml.SafeLoader, tag_suffix: str, node: yaml.Node) -> Any:
