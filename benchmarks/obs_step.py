@@ -306,6 +306,10 @@ def main() -> None:
             "obs_step",
             "## One oBERT pruning step: ours vs SparseML (`benchmarks/obs_step.py`)\n\n"
             f"{settings}\n\n{table}\n\n{breakdown}.\n\n"
+            '"step s minus fwd/bwd" subtracts the full-model forward/backward time measured alone; ours '
+            "computes weight gradients only for the pruned layers, which is why its figure can be small or "
+            "negative. memory_budget_gb bounds the Fisher state; the measured extra peak also holds the "
+            "gradient passes' activations, scores and masks, and allocator slack.\n\n"
             f"time_ratio={time_ratio:.3f} mem_ratio={mem_ratio:.3f} mask_agreement={agreement:.4f} "
             f"(targets: <= 0.5, <= 1.0, >= 0.99). Machine: {machine['cpu_count']} CPUs, load "
             f"{machine['load_average_1m']:.2f} at {machine['date']}.\n\n![obs_step](results/obs_step.png)",

@@ -41,7 +41,7 @@ _LOGGER = logging.getLogger(__name__)
 
 OPSET = 14  # SparseML's default; QDQ export needs >= 13
 FP32_TOLERANCE = 1e-4  # max |logit difference|, scaled by max(1, max |logit|)
-INT8_TOLERANCE = 5e-2  # looser: integer kernels round differently at quantization boundaries
+INT8_TOLERANCE = 1e-1  # looser: see docs/export.md (integer conversion folds biases into int32)
 
 # task name -> transformers auto class name; aliases map to these
 TASKS = {
@@ -316,7 +316,7 @@ def check_parity(
     """Run ``onnx_path`` in ONNX Runtime and ``model`` in PyTorch on real sentences and compare.
 
     Passes when every output is within ``tolerance * max(1, max |PyTorch output|)`` (default
-    1e-4 for FP32, 5e-2 for INT8) and, for INT8, the arg-max prediction agrees on every sample
+    1e-4 for FP32, 1e-1 for INT8) and, for INT8, the arg-max prediction agrees on every sample
     whose PyTorch top-2 margin exceeds twice the allowed difference. On failure raises
     :class:`ParityError` naming the largest difference and where it is.
     """
