@@ -30,13 +30,7 @@ app = typer.Typer(
 
 def _build() -> typer.Typer:
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            if error.name == name:  # that command group is not part of this build
-                continue
-            raise
-        module.register(app)
+        importlib.import_module(name).register(app)
     return app
 
 

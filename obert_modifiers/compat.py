@@ -41,6 +41,7 @@ __all__ = [
     "reload_relative_path",
     "safetensors_qat_detect",
     "offline_metrics",
+    "rng_state_resume",
 ]
 
 DISABLE_ENV = "OBERT_COMPAT_DISABLE"
@@ -411,6 +412,42 @@ def offline_metrics(module: ModuleType) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Resume: transformers 4.40 reads its own RNG checkpoint with torch's new weights_only default
+# --------------------------------------------------------------------------------------------
+
+
+def rng_state_resume(module: ModuleType) -> None:
+    """Resume: let the HF trainer read the ``rng_state.pth`` it wrote itself.
+
+    Without it: torch >= 2.6 defaults ``torch.load`` to ``weights_only=True``; transformers 4.40's
+    ``Trainer._load_rng_state`` loads ``rng_state.pth`` (Python, NumPy and torch RNG states, written
+    by the same trainer) without saying otherwise, and the NumPy state is a pickled ``ndarray``. Every
+    ``--resume_from_checkpoint`` run then fails with ``UnpicklingError: Weights only load failed ...
+    numpy.core.multiarray._reconstruct``, so pruning/QAT schedules cannot be resumed at all.
+
+    Patch: ``module.Trainer._load_rng_state`` runs inside ``torch.serialization.safe_globals`` with
+    exactly the NumPy types an RNG state needs; ``weights_only`` stays on, nothing else is allowed.
+    """
+    trainer_cls = module.Trainer
+    original = trainer_cls._load_rng_state
+    if _patched(original, "rng_state_resume"):
+        return
+
+    @functools.wraps(original)
+    def _load_rng_state(self: Any, checkpoint: Any) -> Any:
+        import numpy
+        import torch
+        from numpy.core import multiarray
+
+        allowed = [multiarray._reconstruct, numpy.ndarray, numpy.dtype, type(numpy.dtype(numpy.uint32))]
+        with torch.serialization.safe_globals(allowed):
+            return original(self, checkpoint)
+
+    _mark(_load_rng_state, original, "rng_state_resume")
+    trainer_cls._load_rng_state = _load_rng_state
+
+
+# --------------------------------------------------------------------------------------------
 # registry and scheduling
 # --------------------------------------------------------------------------------------------
 
@@ -453,6 +490,7 @@ FIXES: dict[str, Fix] = {
             ("sparseml.transformers.sparsification.sparse_model",),
         ),
         Fix("offline_metrics", offline_metrics, ("datasets.load",)),
+        Fix("rng_state_resume", rng_state_resume, ("transformers.trainer",)),
     )
 }
 

@@ -260,7 +260,7 @@ def enabled_probes(tmp_path_factory, tiny_bert_dir, data_dir, qat_model, qat_mod
     return _results(
         _probe(
             tmp,
-            "qconfig,metrics,onnx,grad_sampler,reload,reload_bin",
+            "qconfig,metrics,onnx,grad_sampler,reload,reload_bin,rng_state",
             model=str(tiny_bert_dir),
             qat_model=str(qat_model),
             qat_model_bin=os.path.relpath(qat_model_bin, tmp),
@@ -358,6 +358,15 @@ def test_offline_metrics(enabled_probes, tmp_path):
     assert metrics["glue_cola"] == {"matthews_correlation": 1.0}
     stderr = _failure(_probe(tmp_path, "metrics", disable="offline_metrics"))
     assert re.search(r"OfflineModeIsEnabled: .*metrics/accuracy/accuracy\.py", stderr), stderr[-2000:]
+
+
+@pytest.mark.integration
+def test_rng_state_resume(enabled_probes, tiny_bert_dir, tmp_path):
+    assert enabled_probes["rng_state"] == {"restored": True}
+    stderr = _failure(
+        _probe(tmp_path, "rng_state", disable="rng_state_resume", model=str(tiny_bert_dir), out=str(tmp_path))
+    )
+    assert "Weights only load failed" in stderr and "_reconstruct" in stderr, stderr[-2000:]
 
 
 def test_every_fix_has_a_test_and_docs():

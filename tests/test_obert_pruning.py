@@ -498,10 +498,7 @@ def test_stock_run_killed_after_first_pruning_step_resumes_to_same_sparsity(
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert (checkpoint / "trainer_state.json").exists()
-    # transformers 4.40 reads rng_state.pth with torch.load's weights_only default, which torch
-    # >= 2.6 refuses (numpy globals); without the file it resumes with a warning (data order is not
-    # bit-reproducible, sparsity does not depend on it). A compat fix is requested (see docs/obert.md).
-    (checkpoint / "rng_state.pth").unlink(missing_ok=True)
+    assert (checkpoint / "rng_state.pth").exists()  # read back on resume (compat.rng_state_resume)
     resumed = subprocess.run(
         _stock_command(
             tiny_bert_dir,

@@ -191,6 +191,24 @@ def _reload(model_dir: str) -> None:
     )
 
 
+def probe_rng_state(options: argparse.Namespace) -> None:
+    """The HF trainer writes its RNG checkpoint and reads it back, as ``--resume_from_checkpoint`` does."""
+    import random
+
+    import sparseml.transformers  # noqa: F401  (SparseML's trainer stack: what the hook waits for)
+    from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
+
+    out = Path(options.out) / "rng-checkpoint"
+    model = AutoModelForSequenceClassification.from_pretrained(options.model)
+    args = TrainingArguments(output_dir=str(out), report_to=[], use_cpu=True)
+    trainer = Trainer(model=model, args=args)
+    trainer._save_rng_state(str(out))
+    expected = random.random()
+    random.random()  # move on, then restore
+    trainer._load_rng_state(str(out))
+    emit({"restored": random.random() == expected})
+
+
 PROBES = {
     "qconfig": probe_qconfig,
     "metrics": probe_metrics,
@@ -198,6 +216,7 @@ PROBES = {
     "onnx": probe_onnx,
     "reload": probe_reload,
     "reload_bin": probe_reload_bin,
+    "rng_state": probe_rng_state,
 }
 
 if __name__ == "__main__":
