@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import platform
 import re
-from datetime import datetime, timezone
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "docs" / "results"
@@ -28,7 +29,7 @@ def machine_info() -> dict:
         "processor": platform.processor() or "unknown",
         "cpu_count": os.cpu_count(),
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     try:
         import torch
@@ -65,6 +66,9 @@ def update_results_section(name: str, markdown: str) -> Path:
     block = f"{begin}\n{markdown.strip()}\n{end}"
     text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Results\n"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
     RESULTS_MD.write_text(text)
     return RESULTS_MD

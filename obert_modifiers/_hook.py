@@ -22,10 +22,10 @@ import os
 import sys
 import threading
 import warnings
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
 # module name -> callbacks to run once that module has executed (each at most once per process)
-_AFTER_IMPORT: Dict[str, List[Callable[[object], None]]] = {}
+_AFTER_IMPORT: dict[str, list[Callable[[object], None]]] = {}
 # watched modules whose import was already under way when the watch was added (nobody wrapped their
 # loader): their callbacks run at the next import of anything once they have finished
 _LATE: set = set()

@@ -7,7 +7,9 @@
 4. export a deployment folder (``obert_modifiers.export.export_deployment``) and score the test
    split again on the exported ONNX file with ONNX Runtime;
 5. benchmark DeepSparse and ONNX Runtime on it (``obert_modifiers.bench.run_benchmark``);
-6. print one summary table and write ``summary.json``.
+6. export and time the dense FP32 starting model the same way (the speed-up reference);
+7. publish the model with a generated card to a hub started on loopback and pull it back by stub;
+8. print one summary table and write ``summary.json``.
 
 Everything is built in ``<out>.partial`` and renamed to ``<out>`` at the end, so a folder named
 ``runs/demo`` always holds a finished run.
@@ -297,7 +299,7 @@ def run_demo(
 
     # 1. data
     t0 = time.perf_counter()
-    console.rule(f"[bold]1/5 data: {dataset}")
+    console.rule(f"[bold]1/7 data: {dataset}")
     data_dir = work / "data"
     info = data_module.prepare(
         dataset, data_dir, max_train=settings["max_train"], max_eval=settings["max_eval"]
@@ -319,7 +321,7 @@ def run_demo(
     else:
         base_model = models.minilm_l6_dir()
         model_name = "MiniLM-L6 (all-MiniLM-L6-v2, 22.7 M parameters)"
-    console.rule(f"[bold]2/5 fine-tune + prune: {model_name}")
+    console.rule(f"[bold]2/7 fine-tune + compress: {model_name}")
     model_dir = work / "model"
     command = train_command(base_model, data_dir, model_dir, recipe_path, settings["max_seq_length"])
     console.print(f"[dim]{STOCK_SCRIPT} --recipe {recipe_path} ... (log: {work.name}/train.log)")
@@ -333,7 +335,7 @@ def run_demo(
 
     # 3. evaluate
     t0 = time.perf_counter()
-    console.rule("[bold]3/5 evaluate")
+    console.rule("[bold]3/7 evaluate")
     results = _read_json(model_dir / "all_results.json") or _read_json(model_dir / "eval_results.json")
     validation_accuracy = results.get("eval_accuracy")
     test_accuracy, test_rows = test_accuracy_from_predictions(model_dir, data_dir / "test.csv")
@@ -346,7 +348,7 @@ def run_demo(
 
     # 4. export
     t0 = time.perf_counter()
-    console.rule("[bold]4/5 export")
+    console.rule("[bold]4/7 export")
     from obert_modifiers.export import export_deployment
 
     deployment = work / "deployment"
@@ -374,7 +376,7 @@ def run_demo(
 
     # 5. benchmark
     t0 = time.perf_counter()
-    console.rule("[bold]5/5 benchmark")
+    console.rule("[bold]5/7 benchmark")
     from obert_modifiers.bench import run_benchmark
 
     try:
@@ -389,6 +391,21 @@ def run_demo(
     except Exception as error:  # noqa: BLE001
         raise DemoError(f"benchmark of {deployment} failed: {error}") from error
     step("benchmark", t0)
+
+    # 6. the dense FP32 starting model, exported and timed the same way: the reference for speed-ups
+    t0 = time.perf_counter()
+    console.rule("[bold]6/7 dense FP32 reference (the starting model, untrained head: latency only)")
+    dense_bench = _dense_reference(base_model, work / "dense-deployment", engines, settings, run_benchmark)
+    step("dense_reference", t0)
+
+    # 7. publish to a hub on loopback with a generated model card, and pull it back by stub
+    t0 = time.perf_counter()
+    console.rule("[bold]7/7 publish to a local hub and pull back by stub")
+    hub = _hub_roundtrip(
+        deployment, model_dir, work / "hub", dataset, sparsity, export, test_accuracy, bench, quick
+    )
+    console.print(f"published and pulled back {hub['stub']} ({hub['files']} files, sha256 checked)")
+    step("hub", t0)
 
     source_bytes = sum(p.stat().st_size for p in Path(base_model).glob("*.safetensors")) or sum(
         p.stat().st_size for p in Path(base_model).glob("pytorch_model*.bin")
@@ -424,6 +441,8 @@ def run_demo(
             "sequence_length": EXPORT_SEQUENCE_LENGTH,
         },
         "benchmark": [_bench_row(r) for r in bench],
+        "benchmark_dense_reference": [_bench_row(r) for r in dense_bench],
+        "hub": {"stub": hub["stub"], "files": hub["files"], "pulled": str(hub["pulled"])},
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "timings_s": timings,
         "paths": {"model": "model", "deployment": "deployment", "data": "data", "train_log": "train.log"},
@@ -433,6 +452,72 @@ def run_demo(
     _replace_dir(work, out_dir)
     print_summary(summary, out_dir, console)
     return summary
+
+
+def _dense_reference(
+    base_model: Path, out: Path, engines: Sequence[str], settings: dict, run_benchmark
+) -> list:
+    """Export the starting model as dense FP32 and time it like the compressed one."""
+    from obert_modifiers.export import export_deployment
+
+    try:
+        export_deployment(
+            base_model,
+            out,
+            task="text-classification",
+            sequence_length=EXPORT_SEQUENCE_LENGTH,
+            overwrite=True,
+        )
+        return run_benchmark(
+            out,
+            engines=tuple(engines),
+            batch_size=1,
+            sequence_length=EXPORT_SEQUENCE_LENGTH,
+            seconds=settings["bench_seconds"],
+            warmup_seconds=min(1.0, settings["bench_seconds"]),
+        )
+    except Exception as error:  # noqa: BLE001 - reported with the step and the folders
+        raise DemoError(
+            f"dense reference export/benchmark of {base_model} in {out} failed: {error}"
+        ) from error
+
+
+def demo_stub(dataset: str, sparsity: float, quantized: bool, quick: bool) -> str:
+    """The SparseZoo-style stub the demo publishes under, e.g.
+    ``zoo:nlp/text_classification/minilm-l6/pytorch/huggingface/rotten_tomatoes/pruned80_quant-none``."""
+    architecture = "tiny_bert-test" if quick else "minilm-l6"
+    data = {"rt": "rotten_tomatoes", "bbc": "bbc_news"}[dataset]
+    percent = int(round(sparsity * 100))
+    tag = (f"pruned{percent}" if percent else "base") + ("_quant" if quantized else "")
+    return f"zoo:nlp/text_classification/{architecture}/pytorch/huggingface/{data}/{tag}-none"
+
+
+def _hub_roundtrip(
+    deployment: Path,
+    model_dir: Path,
+    root: Path,
+    dataset: str,
+    sparsity: dict,
+    export: Any,
+    test_accuracy: float,
+    bench: list,
+    quick: bool,
+) -> dict:
+    from obert_modifiers import zoo
+
+    quantized = bool(getattr(export, "quantized", False))
+    stub = demo_stub(dataset, sparsity["encoder_linear"], quantized, quick)
+    try:
+        return zoo.roundtrip(
+            deployment,
+            stub,
+            root,
+            training=model_dir,
+            metrics={"accuracy": round(float(test_accuracy), 4)},
+            latency=bench,
+        )
+    except Exception as error:  # noqa: BLE001 - reported with the step and the stub
+        raise DemoError(f"hub round trip of {stub} (hub under {root}) failed: {error}") from error
 
 
 def _export_sparsity(export: Any) -> float | None:
@@ -491,19 +576,25 @@ def print_summary(summary: dict, out_dir: Path, console: Any) -> None:
     table.add_row("quantized (INT8)", "yes" if summary["quantized"] else "no", "")
     table.add_row("size: model.onnx", _mb(size["onnx"]), f"gzip {_mb(size['onnx_gzip'])}")
     table.add_row("size: base model weights", _mb(size["base_model_weights"]), "before training")
+    dense = {r.get("engine"): r for r in summary.get("benchmark_dense_reference", [])}
+    dense_ort = dense.get("onnxruntime", {}).get("median_ms")
     for row in summary["benchmark"]:
         engine = row.get("engine", "?")
         if row.get("median_ms") is None:
             table.add_row(f"latency: {engine}", "n/a", str(row.get("error") or "not available"))
             continue
+        reference = dense.get(engine, {}).get("median_ms")
+        versus = f"dense FP32 {reference:.2f} ms ({reference / row['median_ms']:.1f}x)" if reference else ""
+        if dense_ort:
+            versus += f"; {dense_ort / row['median_ms']:.1f}x vs dense FP32 on ORT"
         table.add_row(
             f"latency: {engine}",
             f"{row['median_ms']:.2f} ms",
-            f"median, p90 {row.get('p90_ms', float('nan')):.2f} ms, "
-            f"{row.get('items_per_second', 0):.0f} items/s, "
-            f"batch {row.get('batch_size')}, seq {row.get('sequence_length')}, "
-            f"cores {row.get('num_cores') or 'all'}",
+            f"median, p90 {row.get('p90_ms', float('nan')):.2f} ms, batch {row.get('batch_size')}, "
+            f"seq {row.get('sequence_length')}; {versus}",
         )
+    if summary.get("hub"):
+        table.add_row("hub round trip", "ok", summary["hub"]["stub"])
     table.add_row(
         "wall time",
         f"{summary['timings_s'].get('total', 0):.0f} s",

@@ -55,7 +55,9 @@ def check() -> list[str]:
         text=True,
     )
     if probe.stdout.strip() != "False":
-        problems.append(f"a bare interpreter imports torch/SparseML at start-up: {probe.stdout}{probe.stderr}")
+        problems.append(
+            f"a bare interpreter imports torch/SparseML at start-up: {probe.stdout}{probe.stderr}"
+        )
     from obert_modifiers import resources
 
     problems.extend(resources.missing_packages())

@@ -200,7 +200,7 @@ def test_original_checkpoint_reloads_into_dropped_model(tiny_bert_dir):
         ("keep: 2\n    strategy: random", "strategy"),
         ("layers: 3", "layers"),
         ("layers: [1]\n    keep: 2\n    num_layers: 4", "keep"),
-        ("keep: 2\n    end_epoch: 3.0", "end_epoch"),
+        ("keep: 2\n    start_epoch: 2.0\n    end_epoch: 1.0", "end_epoch"),
         ("strategy: uniform", "layers"),
     ],
 )
@@ -209,6 +209,22 @@ def test_bad_recipe_values_name_the_key(snippet, key):
 
     with pytest.raises(RecipeParameterError, match=f"LayerDropModifier: recipe key '{key}'"):
         _manager(f"modifiers:\n  - !LayerDropModifier\n    {snippet}\n")
+
+
+def test_composed_recipe_of_a_dropped_model_loads_again():
+    """Training on top of a layer-dropped model makes SparseML compose its saved recipe.yaml with the
+    new one; compose_staged fills in end_epoch with the stage's last epoch, which must load again."""
+    from sparseml.pytorch.optim import ScheduledModifierManager
+
+    base = "modifiers:\n  - !EpochRangeModifier\n    start_epoch: 0.0\n    end_epoch: 2.0\n"
+    base += "  - !LayerDropModifier\n    keep: 2\n    num_layers: 4\n"
+    more = "modifiers:\n  - !EpochRangeModifier\n    start_epoch: 0.0\n    end_epoch: 1.0\n"
+    composed = ScheduledModifierManager.compose_staged(base, more)
+    reloaded = _manager(str(composed))
+    drops = [
+        m for stage in reloaded.modifiers.values() for m in stage if type(m).__name__ == "LayerDropModifier"
+    ]
+    assert len(drops) == 1 and drops[0].end_epoch == 2.0 and drops[0].keep == 2
 
 
 # ---------------------------------------------------------------------------- importance

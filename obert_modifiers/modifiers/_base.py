@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 class RecipeParameterError(ValueError):
@@ -21,11 +22,11 @@ def coerce_float(
     key: str,
     value: Any,
     *,
-    minimum: Optional[float] = None,
-    maximum: Optional[float] = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
     min_exclusive: bool = False,
     allow_none: bool = False,
-) -> Optional[float]:
+) -> float | None:
     """A float from a recipe value, accepting numeric strings such as ``'1e-7'`` (PyYAML reads
     exponent notation without a dot as a string)."""
     if value is None and allow_none:
@@ -44,7 +45,7 @@ def coerce_float(
     return number
 
 
-def coerce_int(modifier: str, key: str, value: Any, *, minimum: Optional[int] = None) -> int:
+def coerce_int(modifier: str, key: str, value: Any, *, minimum: int | None = None) -> int:
     """An integer from a recipe value (``'1024'`` and ``1024.0`` are accepted, ``1.5`` is not)."""
     number = coerce_float(modifier, key, value)
     if number != int(number):
@@ -108,5 +109,7 @@ def check_epochs(modifier: str, start_epoch: Any, end_epoch: Any, *, end_require
     if end_required and end <= max(start, 0):
         raise RecipeParameterError(modifier, "end_epoch", end_epoch, f"a number > start_epoch ({start})")
     if not end_required and end != -1 and end < start:
-        raise RecipeParameterError(modifier, "end_epoch", end_epoch, f"-1 or a number >= start_epoch ({start})")
+        raise RecipeParameterError(
+            modifier, "end_epoch", end_epoch, f"-1 or a number >= start_epoch ({start})"
+        )
     return start, end

@@ -60,9 +60,9 @@ class LayerDropModifier(ScheduledModifier):
         start_epoch: float = -1.0,
         end_epoch: float = -1.0,
     ):
+        # Dropped layers are never restored: end_epoch only marks the end of a recipe stage (SparseML's
+        # compose_staged writes the stage's last epoch here when a later recipe builds on this model).
         start, end = check_epochs(_NAME, start_epoch, end_epoch, end_required=False)
-        if end != -1:
-            raise RecipeParameterError(_NAME, "end_epoch", end_epoch, "-1 (dropped layers are not restored)")
         if layers is not None:
             if isinstance(layers, int) or not isinstance(layers, (list, tuple)) or not layers:
                 raise RecipeParameterError(
@@ -85,7 +85,7 @@ class LayerDropModifier(ScheduledModifier):
                     raise RecipeParameterError(
                         _NAME, "keep", keep, f"num_layers - len(layers) = {num_layers - len(layers)}"
                     )
-        super().__init__(start_epoch=start, end_epoch=-1.0, end_comparator=-1)
+        super().__init__(start_epoch=start, end_epoch=end, end_comparator=-1)
         self._layers = layers
         self._keep = keep
         self._strategy = strategy
