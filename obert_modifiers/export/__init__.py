@@ -123,6 +123,7 @@ class ExportResult:
     num_parameters: int = 0
     per_layer_sparsity: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    int8_format: str | None = None  # "integer" (MatMulInteger) or "qdq" for INT8 models
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -480,10 +481,18 @@ def _copy_support_files(model_dir: Path, staging: Path, tokenizer) -> list[str]:
 
 
 def export_onnx_file(
-    model, tokenizer, onnx_path: Path, sequence_length: int, *, quantized: bool, opset: int = OPSET
+    model,
+    tokenizer,
+    onnx_path: Path,
+    sequence_length: int,
+    *,
+    quantized: bool,
+    opset: int = OPSET,
+    int8_format: str = "integer",
 ) -> None:
-    """Export ``model`` to ``onnx_path`` with dynamic batch and sequence axes; QAT models are
-    converted to SparseML's integer pattern (``QuantizeLinear`` + ``MatMulInteger``)."""
+    """Export ``model`` to ``onnx_path`` with dynamic batch and sequence axes. QAT models are
+    converted to SparseML's integer pattern (``QuantizeLinear`` + ``MatMulInteger``) with
+    ``int8_format="integer"``, or kept as ``QuantizeLinear``/``DequantizeLinear`` pairs with ``"qdq"``."""
     import torch
     from sparseml.pytorch.utils import export_onnx
 
@@ -504,7 +513,7 @@ def export_onnx_file(
         sample,
         str(onnx_path),
         opset=opset,
-        convert_qat=quantized,
+        convert_qat=quantized and int8_format == "integer",
         dynamic_axes=dynamic_axes,
         dynamo=False,
     )
@@ -553,21 +562,44 @@ def export_deployment(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        bar.set_description(f"export: ONNX ({'INT8' if quantized else 'FP32'}, opset {opset})")
         onnx_path = staging / "model.onnx"
-        export_onnx_file(model, tokenizer, onnx_path, sequence_length, quantized=quantized, opset=opset)
-        bar.update()
-
-        bar.set_description("export: parity check (ONNX Runtime vs PyTorch)")
-        report = check_parity(
-            model,
-            onnx_path,
-            tokenizer,
-            quantized=quantized,
-            sequence_length=sequence_length,
-            tolerance=tolerance,
-        )
-        bar.update()
+        # INT8: SparseML's integer graph is the fastest on DeepSparse, but its conversion
+        # (MatMulAddToMatMulIntegerAddCastMul) can move logits well past the tolerance on a trained
+        # model (0.56 measured on the demo's MiniLM); the QDQ graph of the same model stays within
+        # 1e-2 and DeepSparse still runs it with INT8 kernels. Keep whichever passes, integer first.
+        formats = ["integer", "qdq"] if quantized else ["fp32"]
+        for attempt, int8_format in enumerate(formats):
+            bar.set_description(
+                f"export: ONNX ({'INT8 ' + int8_format if quantized else 'FP32'}, opset {opset})"
+            )
+            export_onnx_file(
+                model,
+                tokenizer,
+                onnx_path,
+                sequence_length,
+                quantized=quantized,
+                opset=opset,
+                int8_format=int8_format,
+            )
+            bar.set_description("export: parity check (ONNX Runtime vs PyTorch)")
+            try:
+                report = check_parity(
+                    model,
+                    onnx_path,
+                    tokenizer,
+                    quantized=quantized,
+                    sequence_length=sequence_length,
+                    tolerance=tolerance,
+                )
+                break
+            except ParityError as error:
+                if attempt == len(formats) - 1:
+                    raise
+                _LOGGER.warning(
+                    f"export of {model_dir}: the {int8_format} INT8 graph fails the parity check ({error}); "
+                    f"exporting the {formats[attempt + 1]} graph instead"
+                )
+        bar.update(2)
 
         bar.set_description("export: config, tokenizer, recipe")
         _copy_support_files(model_dir, staging, tokenizer)
@@ -585,6 +617,7 @@ def export_deployment(
             "sequence_length": sequence_length,
             "opset": opset,
             "quantized": bool(quantized),
+            "int8_format": int8_format if quantized else None,
             "num_layers": num_layers,
             "num_parameters": int(num_parameters),
             "sparsity": {
@@ -619,6 +652,7 @@ def export_deployment(
         max_abs_diff=report.max_abs_diff,
         tolerance=report.tolerance,
         quantized=bool(quantized),
+        int8_format=int8_format if quantized else None,
         sparsity=overall,
         onnx_bytes=onnx_bytes,
         opset=opset,
