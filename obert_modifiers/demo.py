@@ -442,7 +442,12 @@ def run_demo(
         },
         "benchmark": [_bench_row(r) for r in bench],
         "benchmark_dense_reference": [_bench_row(r) for r in dense_bench],
-        "hub": {"stub": hub["stub"], "files": hub["files"], "pulled": str(hub["pulled"])},
+        # relative to the output folder (the run is built in a staging folder, then renamed)
+        "hub": {
+            "stub": hub["stub"],
+            "files": hub["files"],
+            "pulled": str(Path(hub["pulled"]).relative_to(work)),
+        },
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "timings_s": timings,
         "paths": {"model": "model", "deployment": "deployment", "data": "data", "train_log": "train.log"},

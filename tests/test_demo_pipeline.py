@@ -34,9 +34,10 @@ def test_demo_quick_end_to_end(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
-    # the recipe's GMPruningModifier pruned the encoder linears to its final_sparsity (0.5)
-    assert summary["sparsity"]["encoder_linear"] == pytest.approx(0.5, abs=0.01)
-    assert summary["sparsity"]["export_overall"] > 0.3
+    # recipes/demo.yaml: !OBertPruningModifier to final_sparsity (0.8), then !OBertQuantizationModifier
+    assert summary["sparsity"]["encoder_linear"] == pytest.approx(0.8, abs=0.01)
+    assert summary["sparsity"]["export_overall"] > 0.5
+    assert summary["quantized"] is True
     # the exported ONNX file is the trained model: same test predictions, within truncation noise
     accuracy = summary["accuracy"]
     assert summary["dataset"]["counts"]["test"] == 1913
@@ -45,10 +46,19 @@ def test_demo_quick_end_to_end(tmp_path):
     engines = {row["engine"]: row for row in summary["benchmark"]}
     assert set(engines) == {"deepsparse", "onnxruntime"}
     assert engines["onnxruntime"]["median_ms"] > 0
+    # the dense FP32 starting model, timed the same way, is the speed-up reference
+    dense = {row["engine"]: row for row in summary["benchmark_dense_reference"]}
+    assert dense["onnxruntime"]["median_ms"] > 0
+    assert (out / "dense-deployment" / "model.onnx").is_file()
+    # published to a loopback hub with a card, pulled back by stub (sha256 checked by the round trip)
+    stub = summary["hub"]["stub"]
+    assert stub.endswith("/rotten_tomatoes/pruned80_quant-none") and summary["hub"]["files"] > 5
+    assert (out / summary["hub"]["pulled"] / "config.json").is_file()
     assert (out / "deployment" / "model.onnx").is_file()
     assert not (out / "model" / "optimizer.pt").exists()
     assert not any(p.name.startswith(".demo") for p in tmp_path.iterdir())  # staging folder renamed
     assert "latency: onnxruntime" in result.stdout and "test accuracy (PyTorch)" in result.stdout
+    assert "hub round trip" in result.stdout
 
 
 @pytest.mark.integration
