@@ -91,9 +91,10 @@ setup(
             "jinja2",
             "uvloop",
             "httptools",
+            "boto3",
         ],
         "postgres": ["psycopg[binary]"],
-        "dev": ["pytest", "pytest-timeout", "ruff", "schemathesis", "playwright"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "schemathesis", "playwright", "moto[server]"],
     },
     entry_points={"console_scripts": ["obert=obert_modifiers.cli:main"]},
     classifiers=[

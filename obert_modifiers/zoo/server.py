@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
@@ -23,7 +23,7 @@ from obert_modifiers.zoo.card import CardError, parse_card
 from obert_modifiers.zoo.db import Database
 from obert_modifiers.zoo.protocol import API_PREFIX, Manifest, UnsafePathError
 from obert_modifiers.zoo.service import SEARCH_FIELDS, Hub, HubError, Limits, model_detail, model_summary
-from obert_modifiers.zoo.store import open_store
+from obert_modifiers.zoo.store import S3Store, open_store
 from obert_modifiers.zoo.stubs import StubError
 
 _LOGGER = logging.getLogger("obert_modifiers.zoo")
@@ -56,6 +56,69 @@ class BlobResponse(FileResponse):
     64 KiB, which halves download throughput on a busy machine)."""
 
     chunk_size = 1024 * 1024
+
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(start, end exclusive) of a single ``bytes=`` range, clamped to the size (an end past it is
+    what the sparsezoo client sends); None for no range or several ranges (answered in full).
+    Raises ``ValueError`` for a range that cannot be satisfied."""
+    if not header:
+        return None
+    units, _, spec = header.partition("=")
+    if units.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    try:
+        if not dash:
+            return None
+        if not first.strip():  # suffix: the last N bytes
+            count = int(last)
+            if count <= 0:
+                raise ValueError(header)
+            return max(0, size - count), size
+        start = int(first)
+        end = int(last) + 1 if last.strip() else size
+    except ValueError:
+        raise ValueError(header) from None
+    if start >= size or end <= start:
+        raise ValueError(header)
+    return start, min(end, size)
+
+
+def _s3_response(
+    request: Request,
+    store: S3Store,
+    sha256: str,
+    stub: str,
+    path: str,
+    media_type: str,
+    filename: str,
+    disposition: str,
+    headers: dict[str, str],
+) -> Response:
+    """A download streamed from S3 (``Range`` passed on as a ranged GET), headers as FileResponse's."""
+    size = store.size(sha256)
+    if size is None:
+        raise HubError(404, f"{stub}: the content of {path} is missing from the store")
+    headers = {
+        **headers,
+        "Accept-Ranges": "bytes",
+        "ETag": f'"{sha256}"',
+        "Content-Disposition": f'{disposition}; filename="{filename}"',
+    }
+    try:
+        span = _byte_range(request.headers.get("range"), size)
+    except ValueError:
+        return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
+    status, (start, end) = (200, (0, size)) if span is None else (206, span)
+    if status == 206:
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    headers["Content-Length"] = str(end - start)
+    if request.method == "HEAD" or end == start:
+        return Response(status_code=status, headers=headers, media_type=media_type)
+    return StreamingResponse(
+        store.iter_range(sha256, start, end), status_code=status, headers=headers, media_type=media_type
+    )
 
 
 _INLINE_IMAGES = {"image/png", "image/jpeg", "image/gif", "image/webp"}
@@ -267,9 +330,10 @@ class _UploadReceiver:
         if missing:
             raise HubError(400, f"upload incomplete: no content for {missing[:10]}")
         card_sha = next(f.sha256 for f in self.manifest.files if f.path == "model.md")
-        card_path = self.staged.get(card_sha) or self.hub.store.blob_path(card_sha)
+        card_path = self.staged.get(card_sha)
         try:
-            text = card_path.read_text(encoding="utf-8")
+            raw = card_path.read_bytes() if card_path else self.hub.store.read_bytes(card_sha)
+            text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise HubError(422, "model card model.md refused: not UTF-8 text") from None
         try:
@@ -384,9 +448,7 @@ def create_app(
         card_file = next((f for f in model.files if f.path == "model.md"), None)
         if card_file is None:
             raise HubError(404, f"{model.stub} has no model.md")
-        return Response(
-            store.blob_path(card_file.sha256).read_bytes(), media_type="text/markdown; charset=utf-8"
-        )
+        return Response(store.read_bytes(card_file.sha256), media_type="text/markdown; charset=utf-8")
 
     @app.api_route(
         f"{API_PREFIX}/models/{{model_id}}/files/{{path:path}}",
@@ -399,28 +461,35 @@ def create_app(
         },
         response_class=FileResponse,
     )
-    def download_file(model_id: str, path: str) -> FileResponse:
+    def download_file(request: Request, model_id: str, path: str) -> Response:
         """Download one file; ``Range`` requests resume, ``X-Checksum-SHA256`` carries its sha256."""
         model = hub.get(model_id)
         entry = next((f for f in model.files if f.path == path), None)
         if entry is None:
             raise HubError(404, f"{model.stub} has no file {path[:200]!r}")
+        media_type, inline = _served_type(path)
+        headers = {
+            "X-Checksum-SHA256": entry.sha256,
+            "Cache-Control": "public, max-age=60",
+            # published files are untrusted: never let a browser run them on the hub's origin
+            "X-Content-Type-Options": "nosniff",
+            "Content-Security-Policy": "default-src 'none'; sandbox",
+        }
+        filename = path.rsplit("/", 1)[-1]
+        disposition = "inline" if inline else "attachment"
+        if isinstance(store, S3Store):
+            return _s3_response(
+                request, store, entry.sha256, model.stub, path, media_type, filename, disposition, headers
+            )
         blob = store.blob_path(entry.sha256)
         if not blob.is_file():
             raise HubError(404, f"{model.stub}: the content of {path} is missing from the store")
-        media_type, inline = _served_type(path)
         return BlobResponse(
             blob,
             media_type=media_type,
-            filename=path.rsplit("/", 1)[-1],
-            content_disposition_type="inline" if inline else "attachment",
-            headers={
-                "X-Checksum-SHA256": entry.sha256,
-                "Cache-Control": "public, max-age=60",
-                # published files are untrusted: never let a browser run them on the hub's origin
-                "X-Content-Type-Options": "nosniff",
-                "Content-Security-Policy": "default-src 'none'; sandbox",
-            },
+            filename=filename,
+            content_disposition_type=disposition,
+            headers=headers,
         )
 
     @app.post(f"{API_PREFIX}/publish/check", response_model=CheckResult, tags=["publish"], responses=ERRORS)
@@ -531,7 +600,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--db", default=None, help="SQLAlchemy URL (default sqlite:///$OBERT_HUB_HOME/hub.db)"
     )
-    parser.add_argument("--store", default=None, help="blob store directory (default $OBERT_HUB_HOME/store)")
+    parser.add_argument(
+        "--store",
+        default=None,
+        help="blob store: a directory (default $OBERT_HUB_HOME/store) or "
+        "s3://BUCKET/PREFIX[?endpoint_url=URL]",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--public-url", default=None, help="URL clients reach the hub at (for download URLs)")

@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from obert_modifiers.zoo.card import ModelCard
 from obert_modifiers.zoo.db import Database, File, Model
 from obert_modifiers.zoo.protocol import NLP_TRIO, Manifest, sparsezoo_file_type
-from obert_modifiers.zoo.store import LocalStore
+from obert_modifiers.zoo.store import BlobStore
 from obert_modifiers.zoo.stubs import parse_stub
 
 _LOGGER = logging.getLogger("obert_modifiers.zoo")
@@ -43,7 +43,7 @@ class Limits:
 
 
 class Hub:
-    def __init__(self, db: Database, store: LocalStore, limits: Limits | None = None) -> None:
+    def __init__(self, db: Database, store: BlobStore, limits: Limits | None = None) -> None:
         self.db = db
         self.store = store
         self.limits = limits or Limits()
