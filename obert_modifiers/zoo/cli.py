@@ -99,7 +99,10 @@ def serve_command(
         help="SQLAlchemy URL (default sqlite:///$OBERT_HUB_HOME/hub.db; "
         "postgresql+psycopg://user:pw@host/db works too)",
     ),
-    store: str | None = typer.Option(None, help="blob store: a directory (default $OBERT_HUB_HOME/store) or s3://BUCKET/PREFIX?endpoint_url=URL"),
+    store: str | None = typer.Option(
+        None,
+        help="blob store: a directory (default $OBERT_HUB_HOME/store) or s3://BUCKET/PREFIX?endpoint_url=URL",
+    ),
     host: str = typer.Option("127.0.0.1", help="interface to listen on"),
     port: int = typer.Option(8000, help="port"),
     public_url: str | None = typer.Option(None, help="URL clients reach this hub at (for download URLs)"),
