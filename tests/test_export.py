@@ -284,3 +284,43 @@ def test_sparseml_export_trap_vs_ours(artifacts, tmp_path):
     )
     assert ours.passed
     assert their_report.max_abs_diff > 3 * ours.max_abs_diff
+
+
+def test_fold_embedding_qdq_keeps_outputs_and_removes_the_pair(tmp_path):
+    """The QDQ fallback folds fake-quantized embedding tables (DeepSparse 1.8 aborts on them)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from obert_modifiers.export import fold_embedding_qdq
+
+    table = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
+    nodes = [
+        helper.make_node("QuantizeLinear", ["table", "scale", "zero"], ["table_q"]),
+        helper.make_node("DequantizeLinear", ["table_q", "scale", "zero"], ["table_dq"]),
+        helper.make_node("Gather", ["table_dq", "ids"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "embedding",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 4])],
+        initializer=[
+            numpy_helper.from_array(table, "table"),
+            numpy_helper.from_array(np.array(0.02, dtype=np.float32), "scale"),
+            numpy_helper.from_array(np.array(128, dtype=np.uint8), "zero"),
+        ],
+    )
+    path = tmp_path / "embedding.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]), str(path))
+    ids = np.array([0, 3, 9, 3], dtype=np.int64)
+    before = ort.InferenceSession(str(path)).run(None, {"ids": ids})[0]
+
+    assert fold_embedding_qdq(path) == 1
+    folded = onnx.load(str(path))
+    assert [n.op_type for n in folded.graph.node] == ["Gather"]
+    assert {i.name for i in folded.graph.initializer} == {"table_dq"}  # nothing unused left behind
+    after = ort.InferenceSession(str(path)).run(None, {"ids": ids})[0]
+    np.testing.assert_array_equal(after, before)
+    assert np.abs(before - table[ids]).max() > 0  # it really was quantized: the fold kept that

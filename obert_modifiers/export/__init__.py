@@ -519,6 +519,59 @@ def export_onnx_file(
     )
 
 
+def fold_embedding_qdq(onnx_path: Path) -> int:
+    """Replace ``QuantizeLinear -> DequantizeLinear`` pairs on constant tables that feed a ``Gather``
+    (fake-quantized embeddings in a QDQ graph) with the dequantized FP32 table. The values are exactly
+    what the pair computes, so outputs do not change; DeepSparse 1.8 aborts on the unfolded pattern
+    (``Assertion at src/lib/engine/compute/primitive/gather.cpp:15``). Returns the pairs folded."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def constant(name: str):
+        if name in initializers:
+            return numpy_helper.to_array(initializers[name])
+        node = producers.get(name)
+        if node is not None and node.op_type == "Constant":
+            return numpy_helper.to_array(node.attribute[0].t)
+        return None
+
+    folded = 0
+    for dequantize in [n for n in graph.node if n.op_type == "DequantizeLinear"]:
+        if not any(c.op_type == "Gather" for c in consumers.get(dequantize.output[0], [])):
+            continue
+        quantize = producers.get(dequantize.input[0])
+        if quantize is None or quantize.op_type != "QuantizeLinear" or len(quantize.input) < 3:
+            continue
+        table, scale, zero = (constant(name) for name in quantize.input[:3])
+        if table is None or scale is None or zero is None:
+            continue
+        limits = np.iinfo(zero.dtype)
+        zero32 = zero.astype(np.int64)
+        quantized = np.clip(np.rint(table / scale) + zero32, limits.min, limits.max)
+        values = ((quantized - zero32) * scale).astype(np.float32)
+        graph.node.remove(dequantize)
+        graph.node.remove(quantize)
+        graph.initializer.append(numpy_helper.from_array(values, dequantize.output[0]))
+        folded += 1
+    if folded:
+        # the FP32 tables, scales and zero points of the folded pairs are no longer read by any node
+        used = {name for node in graph.node for name in node.input}
+        for init in [i for i in graph.initializer if i.name not in used]:
+            graph.initializer.remove(init)
+        onnx.save(model, str(onnx_path))
+    return folded
+
+
 def export_deployment(
     model_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -581,6 +634,8 @@ def export_deployment(
                 opset=opset,
                 int8_format=int8_format,
             )
+            if quantized and int8_format == "qdq":
+                fold_embedding_qdq(onnx_path)
             bar.set_description("export: parity check (ONNX Runtime vs PyTorch)")
             try:
                 report = check_parity(
