@@ -466,8 +466,19 @@ def _dense_reference(
     from obert_modifiers.export import export_deployment
 
     try:
+        # the starting checkpoint may be a bare encoder (MiniLM-L6 is a BertModel): give it the
+        # trained model's classification head shape, so both graphs do the same work
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        dense_dir = out.with_name(out.name + "-model")
+        trained_config = json.loads((out.parent / "model" / "config.json").read_text())
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base_model, id2label=trained_config["id2label"], label2id=trained_config["label2id"]
+        )
+        model.save_pretrained(dense_dir, safe_serialization=False)
+        AutoTokenizer.from_pretrained(base_model).save_pretrained(dense_dir)
         export_deployment(
-            base_model,
+            dense_dir,
             out,
             task="text-classification",
             sequence_length=EXPORT_SEQUENCE_LENGTH,
