@@ -80,6 +80,7 @@ def test_int8_deployment_from_safetensors_keeps_quantization_and_sparsity(artifa
     assert "!OBertQuantizationModifier" in (folder / "recipe.yaml").read_text()
     manifest = json.loads((folder / "export.json").read_text())
     assert manifest["quantized"] is True
+    assert manifest["int8_format"] == "integer"  # the graph DeepSparse runs with INT8 kernels, no fallback
     per_layer = manifest["sparsity"]["per_layer"]
     encoder = {k: v for k, v in per_layer.items() if ".encoder." in k}
     assert len(encoder) == 24 and all(v == pytest.approx(0.5, abs=1e-3) for v in encoder.values())

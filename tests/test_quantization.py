@@ -477,3 +477,70 @@ def shared_artifacts(tiny_bert_dir: Path, tmp_path_factory) -> dict:
             qat_dir, base / "int8-deployment", sequence_length=64, progress=False
         )
     return _SHARED
+
+
+# --------------------------------------------------------------------------------------------
+# the INT32 bias grid: why the integer graph matches PyTorch
+
+
+def test_int32_bias_is_on_the_grid_with_straight_through_gradient():
+    from obert_modifiers.algorithms.quantization import int32_bias
+
+    torch.manual_seed(0)
+    bias = torch.randn(6, requires_grad=True)
+    input_scale, weight_scale = torch.tensor([0.03]), torch.full((6,), 0.002)
+    rounded = int32_bias(bias, input_scale, weight_scale)
+    steps = rounded.detach() / (0.03 * 0.002)
+    assert torch.allclose(steps, steps.round(), atol=1e-3)  # integers of the grid
+    assert (rounded.detach() - bias.detach()).abs().max() <= 0.5 * 0.03 * 0.002 + 1e-9
+    assert not torch.equal(rounded.detach(), bias.detach())
+    rounded.sum().backward()
+    assert torch.equal(bias.grad, torch.ones(6))  # straight-through
+
+
+def test_integer_graph_matches_pytorch_because_the_bias_grid_is_modelled(tmp_path):
+    """SparseML's conversion adds each bias as INT32 on the grid input scale x weight scale. Our
+    fake-quantized forward uses that same bias, so the exported MatMulInteger graph equals PyTorch
+    to float rounding, while the layer with its float bias (QAT without the grid) is off by up to
+    half a grid step: the shift that, compounded through 6 layers of activation rounding, moved the
+    demo model's logits by 0.56."""
+    import onnx
+    import onnxruntime as ort
+    from sparseml.pytorch.utils import export_onnx
+
+    from obert_modifiers.algorithms.quantization import QuantizedLinear, bake_int32_biases, freeze_observers
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 16)
+    with torch.no_grad():
+        linear.weight.uniform_(-1, 1)
+        linear.bias.uniform_(-3, 3)
+    float_bias = linear.bias.detach().clone()
+    model = QuantizedLinear(linear).train()
+    for _ in range(20):  # calibrate the observers
+        model(torch.randn(16, 32))
+    freeze_observers(model)  # FakeQuantize observes in eval mode too until frozen
+    model.eval()
+    inputs = torch.randn(64, 32)
+    with torch.no_grad():
+        want = model(inputs)
+        without_grid = torch.nn.functional.linear(
+            model.input_quant(inputs), model.quantized_weight(), float_bias
+        )
+    step = float(model.input_quant.scale * model.weight_fake_quant.scale)
+    path = tmp_path / "linear.onnx"
+    export_onnx(model, torch.randn(2, 32), str(path), opset=14, convert_qat=True, dynamo=False)
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert "MatMulInteger" in ops and "MatMul" not in ops, ops
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0])
+    on_grid_error = float((got - want).abs().max())
+    off_grid_error = float((got - without_grid).abs().max())
+    assert on_grid_error < 0.1 * step, (on_grid_error, step)
+    assert 0.2 * step < off_grid_error <= 0.5 * step + 1e-6, (off_grid_error, step)
+    # baking stores the forward's bias, so a QDQ graph with a float bias computes the same
+    assert bake_int32_biases(model) == 1
+    with torch.no_grad():
+        assert torch.allclose(model(inputs), want, atol=1e-6)
+        assert torch.allclose(model.bias / step, (model.bias / step).round(), atol=1e-3)
+        assert not torch.equal(model.bias, float_bias)

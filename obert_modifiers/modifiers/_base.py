@@ -86,8 +86,7 @@ def unknown_key_message(modifier_cls: type, key: str) -> str:
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "."
     return (
-        f"!{modifier_cls.__name__}: unknown recipe key '{key}'{hint} "
-        f"Valid keys: {', '.join(sorted(valid))}"
+        f"!{modifier_cls.__name__}: unknown recipe key '{key}'{hint} Valid keys: {', '.join(sorted(valid))}"
     )
 
 
