@@ -7,6 +7,9 @@ the ``.yml`` extension (rejected), a tag followed by a ``.`` on its line (flow s
 ``- !Tag {a: 1.0}``: SparseML's tag rewrite skips it, and loading fails with "could not determine a
 constructor"), namespaced tags, unknown tags and YAML syntax errors (with the line in the file).
 When the load fails, each modifier is loaded alone through SparseML's loader to find the culprit.
+Multi-stage (staged) recipes are supported: every message about a modifier names its stage, and
+``recipe_args`` may set global variables or variables of a stage (SparseML sets every variable of
+that name, as ``--recipe_args`` does in training).
 """
 
 from __future__ import annotations
@@ -169,6 +172,8 @@ def _explain_modifier_error(tag: str, cls: type | None, error: Exception) -> str
         return str(error)
     text = str(error)
     unexpected = re.search(r"unexpected keyword argument '([^']+)'", text)
+    if text.startswith(f"!{tag}:"):
+        return text  # already names the modifier and the key
     if unexpected and cls is not None:
         return unknown_key_message(cls, unexpected.group(1))
     if unexpected:
@@ -180,14 +185,31 @@ def _explain_modifier_error(tag: str, cls: type | None, error: Exception) -> str
     return f"!{tag}: {type(error).__name__}: {text}"
 
 
-def _find_culprit(path: Path, text: str, offset: int, resolved: Any, registered: dict) -> str | None:
+def _find_culprit(
+    path: Path, text: str, offset: int, raw: Any, resolved: Any, registered: dict
+) -> str | None:
+    """Load each modifier alone (variables resolved) to find the one that fails. Modifiers are
+    tried and numbered in file order: the resolved recipe is re-serialised by SparseML with its
+    modifier groups sorted by name, so its order is not the file's; entries are matched by
+    (stage, tag, occurrence within the stage)."""
     from sparseml.optim.helpers import rewrite_recipe_yaml_string_with_classes
     from sparseml.pytorch.sparsification.modifier import Modifier
 
+    def keyed(entries: list[tuple[str | None, str, dict]]) -> list[tuple[tuple, dict]]:
+        seen: dict[tuple, int] = {}
+        out = []
+        for stage, tag, params in entries:
+            count = seen.get((stage, tag), 0)
+            seen[(stage, tag)] = count + 1
+            out.append(((stage, tag, count), params))
+        return out
+
+    resolved_params = dict(keyed(_modifier_entries(resolved)))
     occurrences: dict[str, int] = {}
-    for index, (stage, tag, params) in enumerate(_modifier_entries(resolved)):
+    for index, ((stage, tag, _count), raw_params) in enumerate(keyed(_modifier_entries(raw))):
         occurrence = occurrences.get(tag, 0)
         occurrences[tag] = occurrence + 1
+        params = resolved_params.get((stage, tag, _count), raw_params)
         single = rewrite_recipe_yaml_string_with_classes({"modifiers": [{f"{OBJECT_PREFIX}{tag}": params}]})
         try:
             loaded = Modifier.load_list(single)
@@ -251,6 +273,11 @@ def check_recipe(path: str | Path, recipe_args: str | dict | None = None) -> Rec
             f"--recipe-args {recipe_args!r}: expected JSON or k=v,k2=v2 ({error})"
         ) from None
     recipe_variables = [k for k, v in raw.items() if "modifiers" not in k and not isinstance(v, dict)]
+    for value in raw.values():  # variables of stages (staged recipes)
+        if isinstance(value, dict) and any("modifiers" in key for key in value):
+            recipe_variables += [
+                k for k in value if "modifiers" not in k and k != "__metadata__" and k not in recipe_variables
+            ]
     unknown = [k for k in variables if k not in recipe_variables]
     if unknown:
         raise RecipeCheckError(
@@ -266,7 +293,7 @@ def check_recipe(path: str | Path, recipe_args: str | dict | None = None) -> Rec
     try:
         manager = ScheduledModifierManager.from_yaml(str(path), recipe_variables=variables)
     except Exception as error:  # noqa: BLE001
-        culprit = _find_culprit(path, text, offset, resolved, registered)
+        culprit = _find_culprit(path, text, offset, raw, resolved, registered)
         if culprit:
             raise RecipeCheckError(culprit) from None
         raise _fail(path, f"{type(error).__name__}: {error}") from None

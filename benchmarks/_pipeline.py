@@ -1,0 +1,339 @@
+"""The training -> export -> measurement pipeline shared by ``reproduce.py`` and ``compound.py``.
+
+A *stage* is one run of the STOCK ``sparseml.transformers.train.text_classification`` script with
+one of the recipe files in ``recipes/`` (variables overridden with ``--recipe_args``), starting
+from the bundled MiniLM-L6 or from another stage's output, optionally distilling from another
+stage. Stages are cached: a finished stage folder holds ``stage.json`` with a key made of
+everything that determines it (recipe text, arguments, parent key, data slice, training flags),
+so scripts sharing a work folder reuse each other's runs and an interrupted run resumes at the
+first unfinished stage. Independent stages run side by side (``jobs``), one OMP thread each.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "NM_DISABLE_ANALYTICS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+START_FILES = (
+    "config.json",
+    "pytorch_model.bin",
+    "model.safetensors",
+    "recipe.yaml",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
+_PROGRESS = re.compile(rb"(\d+)/(\d+) \[")
+
+
+def offline_env(threads: int = 1) -> dict[str, str]:
+    env = {**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
+    return env
+
+
+@dataclass
+class Stage:
+    """One training run. ``parent``/``teacher`` name other stages (``None``: the bundled model /
+    no distillation)."""
+
+    name: str
+    recipe: str  # file name under recipes/
+    recipe_args: dict[str, Any] = field(default_factory=dict)
+    parent: str | None = None
+    teacher: str | None = None
+
+    def key(self, keys: dict[str, str], training: dict[str, Any]) -> str:
+        text = (RECIPES / self.recipe).read_text()
+        blob = json.dumps(
+            {
+                "recipe": text,
+                "args": self.recipe_args,
+                "parent": keys.get(self.parent) if self.parent else "minilm-l6",
+                "teacher": keys.get(self.teacher) if self.teacher else None,
+                "training": training,
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def clean_start(model_dir: Path, out: Path) -> Path:
+    """Copy config, weights, tokenizer and recipe only: a folder holding optimizer.pt makes
+    SparseML's trainer resume the old optimizer and schedule."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for name in START_FILES:
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, out / name)
+    return out
+
+
+def _command(
+    stage: Stage, start: Path, teacher: Path | None, data: Path, out: Path, training: dict
+) -> list[str]:
+    script = Path(sys.executable).with_name("sparseml.transformers.train.text_classification")
+    command = [
+        str(script), "--model_name_or_path", str(start),
+        "--train_file", str(data / "train.csv"), "--validation_file", str(data / "validation.csv"),
+        "--do_train", "--do_eval", "--max_seq_length", str(training["seq"]),
+        "--per_device_train_batch_size", str(training["batch_size"]), "--per_device_eval_batch_size", "64",
+        "--output_dir", str(out), "--overwrite_output_dir", "--report_to", "none",
+        "--save_strategy", "no", "--save_safetensors", "False", "--seed", str(training["seed"]),
+        "--dataloader_num_workers", "0", "--logging_steps", "50",
+        "--recipe", str(RECIPES / stage.recipe),
+    ]  # fmt: skip
+    if stage.recipe_args:
+        command += ["--recipe_args", json.dumps(stage.recipe_args)]
+    command += ["--distill_teacher", str(teacher) if teacher else "disable"]
+    return command
+
+
+def command_line(stage: Stage, training: dict) -> str:
+    """The stage as a user would type it (for the docs)."""
+    parts = [
+        "sparseml.transformers.train.text_classification",
+        "--model_name_or_path", stage.parent or "$(python -c 'from obert_modifiers.models import "
+        "minilm_l6_dir; print(minilm_l6_dir())')",
+        "--train_file data/train.csv --validation_file data/validation.csv --do_train --do_eval",
+        f"--max_seq_length {training['seq']} --per_device_train_batch_size {training['batch_size']}",
+        f"--seed {training['seed']} --output_dir {stage.name} --recipe recipes/{stage.recipe}",
+    ]  # fmt: skip
+    if stage.recipe_args:
+        parts.append(f"--recipe_args '{json.dumps(stage.recipe_args)}'")
+    if stage.teacher:
+        parts.append(f"--distill_teacher {stage.teacher}")
+    return " ".join(parts)
+
+
+def run_stages(
+    stages: Sequence[Stage], work: Path, data: Path, training: dict[str, Any], jobs: int = 1
+) -> dict[str, Path]:
+    """Train every stage (parents first, up to ``jobs`` at a time); return name -> model folder."""
+    from obert_modifiers.models import minilm_l6_dir
+
+    by_name = {s.name: s for s in stages}
+    keys: dict[str, str] = {}
+    done: dict[str, Path] = {}
+    pending = list(stages)
+    running: dict[str, tuple[subprocess.Popen, Path, float, Any]] = {}
+    last_report = 0.0
+    work.mkdir(parents=True, exist_ok=True)
+    while pending or running:
+        # start what is ready
+        for stage in list(pending):
+            needs = [n for n in (stage.parent, stage.teacher) if n]
+            if any(n not in by_name for n in needs):
+                raise ValueError(f"stage {stage.name}: unknown parent/teacher {needs}")
+            if not all(n in done for n in needs):
+                continue
+            key = stage.key(keys, training)
+            out = work / stage.name
+            marker = out / "stage.json"
+            if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+                print(f"[pipeline] {stage.name}: reusing {out}", flush=True)
+                keys[stage.name], done[stage.name] = key, out
+                pending.remove(stage)
+                continue
+            if len(running) >= jobs:
+                continue
+            start = clean_start(
+                done[stage.parent] if stage.parent else minilm_l6_dir(), work / f".{stage.name}-start"
+            )
+            teacher = done[stage.teacher] if stage.teacher else None
+            if out.exists():
+                shutil.rmtree(out)
+            log_path = work / f"{stage.name}.log"
+            log = open(log_path, "wb")  # noqa: SIM115 - closed when the process ends
+            process = subprocess.Popen(
+                _command(stage, start, teacher, data, out, training),
+                cwd=work,
+                env={**offline_env(training.get("threads", 1)), "HF_DATASETS_CACHE": str(work / ".hf-cache")},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            keys[stage.name] = key
+            running[stage.name] = (process, log_path, time.perf_counter(), log)
+            pending.remove(stage)
+            print(f"[pipeline] {stage.name}: training ({stage.recipe}, log {log_path})", flush=True)
+        # collect what finished
+        for name, (process, log_path, began, log) in list(running.items()):
+            code = process.poll()
+            if code is None:
+                continue
+            log.close()
+            del running[name]
+            if code != 0:
+                for proc, *_rest in running.values():
+                    proc.terminate()
+                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
+                raise RuntimeError(f"stage {name} failed (exit {code}); log {log_path}:\n{tail}")
+            seconds = time.perf_counter() - began
+            out = work / name
+            stage = by_name[name]
+            (out / "stage.json").write_text(
+                json.dumps(
+                    {
+                        "key": keys[name],
+                        "stage": stage.__dict__,
+                        "training": training,
+                        "train_seconds": seconds,
+                    },
+                    indent=2,
+                )
+            )
+            shutil.rmtree(work / f".{name}-start", ignore_errors=True)
+            done[name] = out
+            print(f"[pipeline] {name}: trained in {seconds:.0f} s", flush=True)
+        if running and time.perf_counter() - last_report > 30:
+            last_report = time.perf_counter()
+            print(
+                "[pipeline] " + " | ".join(f"{n} {_progress(r[1])}" for n, r in running.items()), flush=True
+            )
+        if running:
+            time.sleep(2)
+    return done
+
+
+def _progress(log_path: Path) -> str:
+    try:
+        with open(log_path, "rb") as handle:
+            handle.seek(max(0, log_path.stat().st_size - 4096))
+            found = _PROGRESS.findall(handle.read())
+    except OSError:
+        return "starting"
+    return f"{found[-1][0].decode()}/{found[-1][1].decode()} steps" if found else "starting"
+
+
+def train_seconds(model_dir: Path) -> float | None:
+    marker = model_dir / "stage.json"
+    return json.loads(marker.read_text()).get("train_seconds") if marker.is_file() else None
+
+
+def export(model_dir: Path, target: Path, reuse: bool = False):
+    """Deployment folder for ``model_dir`` (parity-checked by export_deployment)."""
+    from obert_modifiers.export import ExportResult, export_deployment
+
+    manifest_path = target / "export.json"
+    if reuse and manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("source_model") == str(model_dir):
+            return ExportResult(
+                path=target,
+                max_abs_diff=manifest["parity"]["max_abs_diff"],
+                tolerance=manifest["parity"]["tolerance"],
+                quantized=manifest["quantized"],
+                sparsity=manifest["sparsity"]["overall"],
+                onnx_bytes=(target / "model.onnx").stat().st_size,
+                num_layers=manifest["num_layers"],
+            )
+    return export_deployment(model_dir, target, sequence_length=128, overwrite=True)
+
+
+def predictions(deployment: Path, texts: Sequence[str], max_length: int = 128):
+    """ONNX Runtime logits of the exported model for ``texts`` (batches of 64)."""
+    import numpy as np
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(deployment))
+    session = ort.InferenceSession(str(deployment / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    out = []
+    for start in range(0, len(texts), 64):
+        encoded = tokenizer(
+            list(texts[start : start + 64]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="np",
+        )
+        out.append(session.run(None, {n: encoded[n].astype(np.int64) for n in names})[0])
+    return np.concatenate(out)
+
+
+def read_split(csv_path: Path, max_rows: int | None = None) -> tuple[list[str], list[str]]:
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))[: max_rows or None]
+    return [r["sentence"] for r in rows], [r["label"] for r in rows]
+
+
+def test_accuracy(deployment: Path, test_csv: Path, max_rows: int | None = None) -> float:
+    """Accuracy of the exported model.onnx (ONNX Runtime) on the test split."""
+    texts, labels = read_split(test_csv, max_rows)
+    config = json.loads((deployment / "config.json").read_text())
+    id2label = {int(k): v for k, v in config["id2label"].items()}
+    predicted = predictions(deployment, texts).argmax(-1)
+    return sum(int(id2label[int(p)] == label) for p, label in zip(predicted, labels, strict=True)) / len(
+        labels
+    )
+
+
+def num_parameters(deployment: Path) -> int:
+    return int(json.loads((deployment / "export.json").read_text())["num_parameters"])
+
+
+def time_deployments(
+    deployments: dict[str, Path],
+    grid: Sequence[tuple[int, int]],
+    cores: Sequence[int],
+    seconds: float,
+    warmup: float,
+    engines: Sequence[str] = ("onnxruntime", "deepsparse"),
+) -> list[dict]:
+    """Latency of every deployment on every engine, batch/sequence pair and core count."""
+    from obert_modifiers.bench import run_benchmark
+
+    rows = []
+    for name, folder in deployments.items():
+        for core_count in cores:
+            for batch, length in grid:
+                for bench in run_benchmark(
+                    folder,
+                    engines=tuple(engines),
+                    batch_size=batch,
+                    sequence_length=length,
+                    num_cores=core_count,
+                    seconds=seconds,
+                    warmup_seconds=warmup,
+                ):
+                    rows.append({**bench.to_dict(), "model": name})
+                    status = (
+                        f"median {bench.median_ms:8.2f} ms  load {bench.load_average_1m:.2f}"
+                        if bench.ok
+                        else f"{bench.status}: {bench.error}"
+                    )
+                    where = f"b{batch:<3d} s{length:<4d} c{core_count}"
+                    print(f"[timing] {name:22s} {bench.engine:12s} {where} {status}", flush=True)
+    return rows
+
+
+def median_ms(
+    rows: Sequence[dict], model: str, engine: str, batch: int, length: int, cores: int
+) -> float | None:
+    for row in rows:
+        key = (row["model"], row["engine"], row["batch_size"], row["sequence_length"], row["num_cores"])
+        if key == (model, engine, batch, length, cores) and row["status"] == "ok":
+            return row["median_ms"]
+    return None
