@@ -38,17 +38,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._pipeline import OFFLINE, predictions  # noqa: E402
 from benchmarks._results import markdown_table, update_results_section, write_json  # noqa: E402
 
 NAME = "layer_drop"
 RECIPE = ROOT / "recipes" / "layer_drop_minilm_3layer.yaml"
-OFFLINE = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "NM_DISABLE_ANALYTICS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 TEACHER_RECIPE = """# dense fine-tuning of the teacher (written by benchmarks/layer_drop.py)
 modifiers:
   - !EpochRangeModifier
@@ -131,27 +125,10 @@ def clean_copy(source: Path, target: Path) -> Path:
 
 def test_accuracy(deployment: Path, rows: list) -> float:
     """Accuracy of the exported model on ``rows`` ((sentence, label name)) with ONNX Runtime."""
-    import numpy as np
-    import onnxruntime
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(deployment)
     config = json.loads((deployment / "config.json").read_text())
     id2label = {int(k): v for k, v in config["id2label"].items()}
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = onnxruntime.InferenceSession(str(deployment / "model.onnx"), options)
-    names = [i.name for i in session.get_inputs()]
-    correct = 0
-    for start in range(0, len(rows), 64):
-        chunk = rows[start : start + 64]
-        batch = tokenizer(
-            [s for s, _ in chunk], padding=True, truncation=True, max_length=128, return_tensors="np"
-        )
-        feeds = {n: batch[n].astype(np.int64) for n in names}
-        predictions = session.run(None, feeds)[0].argmax(-1)
-        correct += sum(id2label[int(p)] == label for p, (_, label) in zip(predictions, chunk, strict=True))
-    return correct / len(rows)
+    predicted = predictions(deployment, [s for s, _ in rows]).argmax(-1)
+    return sum(id2label[int(p)] == label for p, (_, label) in zip(predicted, rows, strict=True)) / len(rows)
 
 
 def measure(name: str, model_dir: Path, work: Path, test_rows: list, args, extra: dict) -> dict:

@@ -10,7 +10,6 @@ working together end to end.
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import os
 import re
@@ -21,11 +20,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from _helpers import check, run, run_python, stock_export_command, stock_train_command, subset_csv
 
 from obert_modifiers import compat
 
 PROBE = Path(__file__).parent / "plugins" / "compat_probe.py"
-BIN = Path(sys.executable).parent
 
 RECIPE = textwrap.dedent(
     """
@@ -73,17 +72,11 @@ def _env(tmp: Path, disable: str = "", **extra: str) -> dict:
     return env
 
 
-def _run(args: list, env: dict, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(a) for a in args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
-    )
-
-
 def _probe(tmp: Path, names: str, disable: str = "", **options: str) -> subprocess.CompletedProcess:
     args = [sys.executable, PROBE, names]
     for key, value in options.items():
         args += [f"--{key.replace('_', '-')}"] + ([] if value is True else [value])
-    return _run(args, _env(tmp, disable), cwd=tmp)
+    return run(args, _env(tmp, disable), cwd=tmp)
 
 
 def _results(result: subprocess.CompletedProcess) -> dict:
@@ -101,20 +94,11 @@ def _failure(result: subprocess.CompletedProcess) -> str:
     return result.stderr
 
 
-def _subset(src: Path, dst: Path, rows: int) -> Path:
-    with open(src, newline="") as handle:
-        reader = csv.reader(handle)
-        kept = [next(reader)] + list(itertools.islice(reader, rows))
-    with open(dst, "w", newline="") as handle:
-        csv.writer(handle).writerows(kept)
-    return dst
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, bbc_data_dir) -> Path:
     out = tmp_path_factory.mktemp("compat-data")
-    _subset(bbc_data_dir / "train.csv", out / "train.csv", 96)
-    _subset(bbc_data_dir / "validation.csv", out / "validation.csv", 16)
+    subset_csv(bbc_data_dir / "train.csv", out / "train.csv", 96)
+    subset_csv(bbc_data_dir / "validation.csv", out / "validation.csv", 16)
     return out
 
 
@@ -125,35 +109,10 @@ def qat_model(tmp_path_factory, tiny_bert_dir, data_dir) -> Path:
     recipe = tmp / "recipe.yaml"
     recipe.write_text(RECIPE)
     model_dir = tmp / "run" / "model"
-    result = _run(
-        [
-            BIN / "sparseml.transformers.train.text_classification",
-            "--model_name_or_path",
-            tiny_bert_dir,
-            "--train_file",
-            data_dir / "train.csv",
-            "--validation_file",
-            data_dir / "validation.csv",
-            "--do_train",
-            "--do_eval",
-            "--max_seq_length",
-            "64",
-            "--per_device_train_batch_size",
-            "16",
-            "--output_dir",
-            model_dir,
-            "--overwrite_output_dir",
-            "--report_to",
-            "none",
-            "--save_strategy",
-            "no",
-            "--recipe",
-            recipe,
-        ],
-        _env(tmp),
-        cwd=tmp,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    command = stock_train_command(
+        tiny_bert_dir, data_dir, model_dir, recipe, "--do_eval", "--save_strategy", "no"
+    )  # saved the default way: model.safetensors
+    check(run(command, _env(tmp), cwd=tmp), "stock training")
     return model_dir
 
 
@@ -191,20 +150,7 @@ def test_stock_training_with_gmp_obs_qat(qat_model):
 
 
 def _export(model_dir: Path, tmp: Path) -> Path:
-    result = _run(
-        [
-            BIN / "sparseml.transformers.export_onnx",
-            "--task",
-            "text-classification",
-            "--model_path",
-            model_dir,
-            "--sequence_length",
-            "64",
-        ],
-        _env(tmp),
-        cwd=model_dir.parent,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    check(run(stock_export_command(model_dir), _env(tmp), cwd=model_dir.parent), "stock export")
     return model_dir.parent / "deployment" / "model.onnx"
 
 
@@ -388,8 +334,8 @@ def test_every_fix_reaches_the_stock_entry_points(tmp_path):
         "loaded = sorted((f.name, m) for f in compat.FIXES.values() for m in f.modules if m in sys.modules)\n"
         "print(json.dumps({'loaded': loaded, 'applied': compat.applied_fixes()}))\n"
     )
-    result = _run([sys.executable, "-c", code], _env(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_python(code, env=_env(tmp_path))
+    check(result, "importing the stock entry points", tail=3000)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert {name for name, _ in report["loaded"]} == set(compat.FIXES)  # every fix has a loaded target
     assert report["applied"] == report["loaded"]
@@ -416,13 +362,12 @@ def test_analytics_disabled_by_default_in_every_process():
         "import sparsezoo.analytics as a;"
         "print(bool(a.sparsezoo_analytics._disabled), a.analytics_disabled())"
     )
-    result = _run([sys.executable, "-c", code], env)
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_python(code, env=env)
+    check(result, "python -c", tail=2000)
     # set by the .pth hook before anything else runs, and honoured by sparsezoo's own check
     assert result.stdout.split() == ["1", "True", "1"]
 
-    opted_in = _run(
-        [sys.executable, "-c", "import os; print(os.environ.get('NM_DISABLE_ANALYTICS'))"],
-        {**env, "OBERT_ALLOW_ANALYTICS": "1"},
+    opted_in = run_python(
+        "import os; print(os.environ.get('NM_DISABLE_ANALYTICS'))", env={**env, "OBERT_ALLOW_ANALYTICS": "1"}
     )
     assert opted_in.stdout.strip() == "None"

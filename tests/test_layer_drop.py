@@ -8,6 +8,15 @@ import math
 
 import pytest
 import torch
+from _helpers import (
+    BIN,
+    EXPORT_SCRIPT,
+    TRAIN_SCRIPT,
+    offline_env,
+    run,
+    stock_export_args,
+    stock_train_args,
+)
 from torch import nn
 
 from obert_modifiers.algorithms import layer_drop as algo
@@ -323,15 +332,6 @@ def test_importance_without_data_on_reload_is_a_clear_error(tiny_bert_dir):
 
 
 # ---------------------------------------------------------------------------- stock CLI, end to end
-OFFLINE = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "NM_DISABLE_ANALYTICS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "1",
-}
-
 COMBINED_RECIPE = """
 prune_params: ["re:bert.encoder.layer.*.(query|key|value|dense).weight"]  # the 6 encoder linears
 modifiers:
@@ -366,20 +366,7 @@ modifiers:
 
 def run_stock_script(script: str, args: list, cwd) -> str:
     """Run one of SparseML's console scripts, unmodified, in a fresh process; return its output."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    executable = Path(sys.executable).parent / script
-    completed = subprocess.run(
-        [str(executable), *map(str, args)],
-        cwd=cwd,
-        env={**os.environ, **OFFLINE},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    completed = run([BIN / script, *args], env=offline_env(), cwd=cwd, timeout=600)
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, f"{script} failed:\n{output[-6000:]}"
     return output
@@ -396,14 +383,12 @@ def small_data(data_dir, out_dir, train_rows: int = 96):
 
 
 def train_args(model_dir, data_dir, out_dir, recipe, teacher) -> list:
-    return [
-        "--model_name_or_path", model_dir, "--train_file", data_dir / "train.csv",
-        "--validation_file", data_dir / "validation.csv", "--do_train", "--do_eval",
-        "--max_seq_length", "64", "--per_device_train_batch_size", "16", "--learning_rate", "1e-4",
-        "--output_dir", out_dir, "--overwrite_output_dir", "--report_to", "none",
-        "--save_strategy", "no", "--save_safetensors", "False", "--seed", "1",
-        "--recipe", recipe, "--distill_teacher", teacher,
-    ]  # fmt: skip
+    """The stock training script's arguments in the end-to-end tests (distilling from ``teacher``)."""
+    return stock_train_args(
+        model_dir, data_dir, out_dir, recipe,
+        "--do_eval", "--learning_rate", "1e-4", "--save_strategy", "no", "--save_safetensors", "False",
+        "--seed", "1", "--distill_teacher", teacher,
+    )  # fmt: skip
 
 
 @pytest.mark.integration
@@ -418,7 +403,7 @@ def test_drop_distil_prune_with_stock_cli_then_export(tiny_bert_dir, bbc_data_di
     recipe.write_text(COMBINED_RECIPE)
     out = tmp_path / "stock" / "model"
     run_stock_script(
-        "sparseml.transformers.train.text_classification",
+        TRAIN_SCRIPT,
         train_args(tiny_bert_dir, small_data(bbc_data_dir, tmp_path / "data"), out, recipe, tiny_bert_dir),
         cwd=tmp_path,
     )
@@ -445,11 +430,7 @@ def test_drop_distil_prune_with_stock_cli_then_export(tiny_bert_dir, bbc_data_di
 
     for name in ("optimizer.pt", "scheduler.pt"):
         (out / name).unlink(missing_ok=True)
-    run_stock_script(
-        "sparseml.transformers.export_onnx",
-        ["--task", "text-classification", "--model_path", out, "--sequence_length", "64"],
-        cwd=tmp_path,
-    )
+    run_stock_script(EXPORT_SCRIPT, stock_export_args(out), cwd=tmp_path)
     session = onnxruntime.InferenceSession(str(tmp_path / "stock" / "deployment" / "model.onnx"))
     feeds = {i.name: batch[i.name].numpy() for i in session.get_inputs()}
     assert abs(session.run(None, feeds)[0] - expected).max() < 1e-4

@@ -6,12 +6,12 @@ import copy
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from _helpers import stock_train_command
 
 RECIPE = """
 modifiers:
@@ -406,32 +406,8 @@ modifiers:
 
 
 def _stock_command(model_dir, data_dir, out_dir, recipe_path, extra=()) -> list:
-    return [
-        str(Path(sys.executable).parent / "sparseml.transformers.train.text_classification"),
-        "--model_name_or_path",
-        str(model_dir),
-        "--train_file",
-        str(data_dir / "train.csv"),
-        "--validation_file",
-        str(data_dir / "validation.csv"),
-        "--do_train",
-        "--max_seq_length",
-        "32",
-        "--per_device_train_batch_size",
-        "16",
-        "--output_dir",
-        str(out_dir),
-        "--overwrite_output_dir",
-        "--report_to",
-        "none",
-        "--save_safetensors",
-        "False",
-        "--seed",
-        "7",
-        "--recipe",
-        str(recipe_path),
-        *extra,
-    ]
+    flags = ("--save_safetensors", "False", "--seed", "7", *extra)
+    return stock_train_command(model_dir, data_dir, out_dir, recipe_path, *flags, max_seq_length=32)
 
 
 def _encoder_sparsity(model_dir: Path) -> float:

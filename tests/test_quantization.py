@@ -3,12 +3,10 @@ masks kept exactly, structure re-applied on reload, recipe validation."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _helpers import check, offline_env, run, stock_export_command, stock_train_command
 
 torch = pytest.importorskip("torch")
 
@@ -309,21 +307,6 @@ modifiers:
 """
 
 
-def _stock_env() -> dict:
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "NM_DISABLE_ANALYTICS": "1",
-    }
-
-
-def _script(name: str) -> str:
-    return str(Path(sys.executable).with_name(name))
-
-
 @pytest.fixture(scope="session")
 def stock_qat_model_dir(tiny_bert_dir, bbc_data_dir, tmp_path_factory) -> Path:
     """A pruned tiny BERT trained by the STOCK ``sparseml.transformers.train.text_classification``
@@ -341,37 +324,9 @@ def stock_qat_model_dir(tiny_bert_dir, bbc_data_dir, tmp_path_factory) -> Path:
     recipe = work / "qat.yaml"
     recipe.write_text(STOCK_RECIPE)
     out = work / "trained"
-    command = [
-        _script("sparseml.transformers.train.text_classification"),
-        "--model_name_or_path",
-        str(start),
-        "--train_file",
-        str(bbc_data_dir / "train.csv"),
-        "--validation_file",
-        str(bbc_data_dir / "validation.csv"),
-        "--do_train",
-        "--max_seq_length",
-        "64",
-        "--per_device_train_batch_size",
-        "32",
-        "--learning_rate",
-        "5e-3",
-        "--output_dir",
-        str(out),
-        "--overwrite_output_dir",
-        "--report_to",
-        "none",
-        "--save_strategy",
-        "no",
-        "--save_safetensors",
-        "False",
-        "--recipe",
-        str(recipe),
-    ]
-    completed = subprocess.run(
-        command, cwd=work, env=_stock_env(), capture_output=True, text=True, timeout=600
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    flags = ("--learning_rate", "5e-3", "--save_strategy", "no", "--save_safetensors", "False")
+    command = stock_train_command(start, bbc_data_dir, out, recipe, *flags, batch_size=32)
+    check(run(command, env=offline_env(), cwd=work, timeout=600), "stock training")
     return out
 
 
@@ -398,23 +353,8 @@ def test_stock_training_cli_keeps_masks_and_stock_exporter_converts_to_int8(stoc
 
     model_copy = tmp_path / "model"
     shutil.copytree(folder, model_copy)
-    completed = subprocess.run(
-        [
-            _script("sparseml.transformers.export_onnx"),
-            "--task",
-            "text-classification",
-            "--model_path",
-            str(model_copy),
-            "--sequence_length",
-            "64",
-        ],
-        cwd=tmp_path,
-        env=_stock_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    completed = run(stock_export_command(model_copy), env=offline_env(), cwd=tmp_path, timeout=600)
+    check(completed, "stock export")
     onnx_path = tmp_path / "deployment" / "model.onnx"
     graph = onnx.load(str(onnx_path)).graph
     ops = [node.op_type for node in graph.node]

@@ -12,32 +12,19 @@
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import os
 import shutil
-import subprocess
 import sys
 import textwrap
 import warnings
 from pathlib import Path
 
 import pytest
+from _helpers import check, run, run_python, stock_export_command, stock_train_command, subset_csv
 
 PLUGINS = Path(__file__).parent / "plugins"
-BIN = Path(sys.executable).parent
 HEAVY = ("torch", "sparseml", "transformers", "datasets", "sparsezoo", "yaml", "numpy")
-
-
-def _run(args: list, env: dict | None = None, cwd: Path | None = None, timeout: int = 300):
-    result = subprocess.run(
-        [str(a) for a in args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
-    )
-    return result
-
-
-def _check(result: subprocess.CompletedProcess, what: str) -> None:
-    assert result.returncode == 0, f"{what} failed (rc {result.returncode}):\n{result.stderr[-4000:]}"
 
 
 def _install_dist(site: Path, dist_name: str, entry_points: dict, modules: tuple = ()) -> None:
@@ -60,8 +47,8 @@ def _install_dist(site: Path, dist_name: str, entry_points: dict, modules: tuple
 @pytest.mark.integration
 def test_plain_interpreter_and_package_import_stay_light():
     # `pass`: the .pth hook runs (obert_modifiers._hook is imported) but nothing heavy is
-    plain = _run([sys.executable, "-X", "importtime", "-c", "pass"])
-    _check(plain, "python -c pass")
+    plain = run([sys.executable, "-X", "importtime", "-c", "pass"])
+    check(plain, "python -c pass")
     imported = {
         line.split("|")[-1].strip() for line in plain.stderr.splitlines() if line.startswith("import time:")
     }
@@ -72,8 +59,8 @@ def test_plain_interpreter_and_package_import_stay_light():
         "import sys, json, obert_modifiers; "
         f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})))"
     )
-    package = _run([sys.executable, "-c", code])
-    _check(package, "import obert_modifiers")
+    package = run_python(code)
+    check(package, "import obert_modifiers")
     assert json.loads(package.stdout.strip().splitlines()[-1]) == []
 
 
@@ -118,15 +105,6 @@ RECIPE = textwrap.dedent(
 )
 
 
-def _subset(src: Path, dst: Path, rows: int) -> Path:
-    with open(src, newline="") as handle:
-        reader = csv.reader(handle)
-        kept = [next(reader)] + list(itertools.islice(reader, rows))
-    with open(dst, "w", newline="") as handle:
-        csv.writer(handle).writerows(kept)
-    return dst
-
-
 @pytest.mark.integration
 def test_stock_scripts_train_and_export_with_a_plugin_tag(tmp_path, tiny_bert_dir, bbc_data_dir):
     import numpy as np
@@ -141,8 +119,8 @@ def test_stock_scripts_train_and_export_with_a_plugin_tag(tmp_path, tiny_bert_di
     )
     log = tmp_path / "plugin.log"
     env = {**os.environ, "PYTHONPATH": str(site), "OBERT_TEST_PLUGIN_LOG": str(log)}
-    train_csv = _subset(bbc_data_dir / "train.csv", tmp_path / "train.csv", 96)
-    validation_csv = _subset(bbc_data_dir / "validation.csv", tmp_path / "validation.csv", 16)
+    subset_csv(bbc_data_dir / "train.csv", tmp_path / "train.csv", 96)
+    validation_csv = subset_csv(bbc_data_dir / "validation.csv", tmp_path / "validation.csv", 16)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE)
     start = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
@@ -152,43 +130,19 @@ def test_stock_scripts_train_and_export_with_a_plugin_tag(tmp_path, tiny_bert_di
     model_dir = run_dir / "model"
 
     def train_command(output_dir: Path) -> list:
-        return [
-            BIN / "sparseml.transformers.train.text_classification",
-            "--model_name_or_path",
-            tiny_bert_dir,
-            "--train_file",
-            train_csv,
-            "--validation_file",
-            validation_csv,
-            "--do_train",
-            "--do_eval",
-            "--max_seq_length",
-            "64",
-            "--per_device_train_batch_size",
-            "16",
-            "--learning_rate",
-            "1e-3",
-            "--output_dir",
-            output_dir,
-            "--overwrite_output_dir",
-            "--report_to",
-            "none",
-            "--save_strategy",
-            "no",
-            "--recipe",
-            recipe,
-        ]
+        flags = ("--do_eval", "--learning_rate", "1e-3", "--save_strategy", "no")
+        return stock_train_command(tiny_bert_dir, tmp_path, output_dir, recipe, *flags)
 
     # control: the same module importable but not advertised as a plugin -> SparseML cannot resolve the tag
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(PLUGINS / "obert_test_plugin.py", bare)
-    control = _run(train_command(tmp_path / "control"), env={**env, "PYTHONPATH": str(bare)}, cwd=tmp_path)
+    control = run(train_command(tmp_path / "control"), env={**env, "PYTHONPATH": str(bare)}, cwd=tmp_path)
     assert control.returncode != 0
     assert "could not determine a constructor for the tag '!pytorch.ObertTestClipModifier'" in control.stderr
 
-    train = _run(train_command(model_dir), env=env, cwd=tmp_path)
-    _check(train, "stock text-classification training")
+    train = run(train_command(model_dir), env=env, cwd=tmp_path)
+    check(train, "stock text-classification training")
 
     events = [json.loads(line) for line in log.read_text().splitlines()]
     finalized = [e for e in events if e["event"] == "finalized"]
@@ -205,20 +159,8 @@ def test_stock_scripts_train_and_export_with_a_plugin_tag(tmp_path, tiny_bert_di
 
     # export in a fresh process: the saved recipe.yaml holds the plugin tag and must resolve again
     train_pids = {e["pid"] for e in events}
-    export = _run(
-        [
-            BIN / "sparseml.transformers.export_onnx",
-            "--task",
-            "text-classification",
-            "--model_path",
-            model_dir,
-            "--sequence_length",
-            "64",
-        ],
-        env=env,
-        cwd=run_dir,
-    )
-    _check(export, "stock sparseml.transformers.export_onnx")
+    export = run(stock_export_command(model_dir), env=env, cwd=run_dir)
+    check(export, "stock sparseml.transformers.export_onnx")
     events = [json.loads(line) for line in log.read_text().splitlines()]
     assert {e["pid"] for e in events if e["event"] == "constructed"} - train_pids, (
         "export never built the plugin"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 from obert_modifiers.zoo.client import pull, push, start_hub
-from obert_modifiers.zoo.testing import RECIPE
+from obert_modifiers.zoo.testing import RECIPE, make_tiny_bert_folders
 
 pytestmark = pytest.mark.integration
 
@@ -25,37 +24,9 @@ SEQ = 32
 
 
 def build_real_model(root: Path) -> Path:
-    """A zoo-layout folder: training/ (tiny random BERT classifier, the stock trainer's file set) and
-    deployment/ (its ONNX export with config and tokenizer)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    from obert_modifiers.models import save_tiny_bert
-
-    training = save_tiny_bert(root / "training", num_labels=5)
-    model = AutoModelForSequenceClassification.from_pretrained(training).eval()
-    deployment = root / "deployment"
-    deployment.mkdir()
-    ids = torch.ones(1, SEQ, dtype=torch.long)
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    torch.onnx.export(
-        model,
-        (ids, torch.ones_like(ids), torch.zeros_like(ids)),
-        str(deployment / "model.onnx"),
-        input_names=names,
-        output_names=["logits"],
-        opset_version=14,
-        dynamo=False,
-        dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": {0: "batch"}},
-    )
-    for name in (
-        "config.json",
-        "vocab.txt",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-    ):
-        shutil.copy(training / name, deployment / name)
+    """A zoo-layout folder: training/ (tiny random BERT classifier, the stock trainer's file set, and
+    a recipe) and deployment/ (its ONNX export with config and tokenizer)."""
+    _deployment, training = make_tiny_bert_folders(root, SEQ)
     (training / "recipe.yaml").write_text(RECIPE)
     return root
 

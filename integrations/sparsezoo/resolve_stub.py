@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from obert_modifiers.zoo import local_hub, push
+from obert_modifiers.zoo.testing import make_tiny_bert_folders
 
 STUB = "zoo:nlp/text_classification/bert-tiny/pytorch/huggingface/bbc_news/base-none"
 
@@ -33,40 +33,6 @@ print("sparsezoo download:", model.download(), "->", model._path)
 pipeline = Pipeline.create(task="text-classification", model_path=stub, sequence_length=int(sys.argv[2]))
 print("deepsparse:", pipeline(sequences=["the central bank raised interest rates"]))
 """
-
-
-def tiny_model(root: Path, sequence_length: int) -> tuple[Path, Path]:
-    """A random 4-layer BERT classifier (training/) and its ONNX export (deployment/)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    from obert_modifiers.models import save_tiny_bert
-
-    training = save_tiny_bert(root / "training", num_labels=5)
-    model = AutoModelForSequenceClassification.from_pretrained(training).eval()
-    deployment = root / "deployment"
-    deployment.mkdir()
-    ids = torch.ones(1, sequence_length, dtype=torch.long)
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    torch.onnx.export(
-        model,
-        (ids, torch.ones_like(ids), torch.zeros_like(ids)),
-        str(deployment / "model.onnx"),
-        input_names=names,
-        output_names=["logits"],
-        opset_version=14,
-        dynamo=False,
-        dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": {0: "batch"}},
-    )
-    for name in (
-        "config.json",
-        "vocab.txt",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-    ):
-        shutil.copy(training / name, deployment / name)
-    return deployment, training
 
 
 def main() -> None:
@@ -83,7 +49,7 @@ def main() -> None:
         work = Path(tmp)
         deployment, training = args.deployment, args.training
         if deployment is None:
-            deployment, training = tiny_model(work / "model", args.sequence_length)
+            deployment, training = make_tiny_bert_folders(work / "model", args.sequence_length)
         with local_hub(work / "hub") as hub:
             record = push(deployment, args.stub, hub.url, hub.token, training=training)
             print(f"hub at {hub.url}: published {record['stub']} ({len(record['files'])} files)")

@@ -1,11 +1,16 @@
 """Small model folders for hub tests and the hub benchmark, made without torch: a tiny ONNX graph
 built with ``onnx.helper`` (optionally padded with a large initializer to reach a given size),
 a BERT-like ``config.json``, the bundled MiniLM tokenizer files when available, an ``export.json``
-in the deployment schema, and a recipe."""
+in the deployment schema, and a recipe.
+
+:func:`make_tiny_bert_folders` is the one exception (it imports torch when called): a real tiny
+BERT classifier and its ONNX export, for the clients that must run the model (the sparsezoo client
+with a DeepSparse pipeline, Hugging Face loading) in tests and ``integrations/sparsezoo``."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -130,3 +135,39 @@ def make_training(out: str | Path) -> Path:
     (out / "eval_results.json").write_text(json.dumps({"eval_accuracy": 0.8125, "eval_loss": 0.4}))
     (out / "recipe.yaml").write_text(RECIPE)
     return out
+
+
+def make_tiny_bert_folders(root: str | Path, sequence_length: int = 32) -> tuple[Path, Path]:
+    """A random 4-layer BERT classifier with 5 labels (``root/training``) and its ONNX export with
+    config and tokenizer files (``root/deployment``); returns ``(deployment, training)``."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from obert_modifiers.models import save_tiny_bert
+
+    root = Path(root)
+    training = save_tiny_bert(root / "training", num_labels=5)
+    model = AutoModelForSequenceClassification.from_pretrained(training).eval()
+    deployment = root / "deployment"
+    deployment.mkdir()
+    ids = torch.ones(1, sequence_length, dtype=torch.long)
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    torch.onnx.export(
+        model,
+        (ids, torch.ones_like(ids), torch.zeros_like(ids)),
+        str(deployment / "model.onnx"),
+        input_names=names,
+        output_names=["logits"],
+        opset_version=14,
+        dynamo=False,
+        dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": {0: "batch"}},
+    )
+    for name in (
+        "config.json",
+        "vocab.txt",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ):
+        shutil.copy(training / name, deployment / name)
+    return deployment, training
