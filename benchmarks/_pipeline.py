@@ -238,7 +238,9 @@ def export(model_dir: Path, target: Path, reuse: bool = False):
     manifest_path = target / "export.json"
     if reuse and manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("source_model") == str(model_dir):
+        weights = [f for f in model_dir.iterdir() if f.suffix in (".bin", ".safetensors")]
+        newer = all(manifest_path.stat().st_mtime > f.stat().st_mtime for f in weights)
+        if manifest.get("source_model") == str(model_dir) and weights and newer:
             return ExportResult(
                 path=target,
                 max_abs_diff=manifest["parity"]["max_abs_diff"],
@@ -249,6 +251,31 @@ def export(model_dir: Path, target: Path, reuse: bool = False):
                 num_layers=manifest["num_layers"],
             )
     return export_deployment(model_dir, target, sequence_length=128, overwrite=True)
+
+
+def fp32_twin(model_dir: Path, out: Path) -> Path:
+    """The FP32 version of a QAT model folder: the same trained (and pruned) float weights, loaded
+    without the recipe's quantization structure, saved as a plain model. Its export is "the FP32
+    export of the same model" that the INT8 export is compared with."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    marker = out / "twin.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("source") == str(model_dir):
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    state = torch.load(model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), attn_implementation="eager")
+    float_state = {k: v for k, v in state.items() if k in model.state_dict()}
+    missing = sorted(set(model.state_dict()) - set(float_state))
+    if missing:
+        raise ValueError(f"{model_dir}: no float weights for {missing[:3]} (layer-dropped? not supported)")
+    model.load_state_dict(float_state, strict=True)
+    model.save_pretrained(str(out), safe_serialization=False)
+    AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(out))
+    marker.write_text(json.dumps({"source": str(model_dir)}))
+    return out
 
 
 def predictions(deployment: Path, texts: Sequence[str], max_length: int = 128):

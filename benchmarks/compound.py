@@ -7,14 +7,15 @@ recipes and stage cache as ``benchmarks/reproduce.py``), each trained by the STO
 and ONNX Runtime:
 
 1. ``dense-fp32``            MiniLM-L6 fine-tuned (recipes/minilm_teacher.yaml)
-2. ``pruned80-fp32``         (1) + oBERT block4 pruning to 80 % with distillation (minilm_6l_prune.yaml)
-3. ``pruned80-int8``         (1) + the same pruning, then QAT with masks kept (minilm_6l_prune_qat.yaml)
+2. ``pruned80-fp32``         the float weights of (3), exported FP32 (``_pipeline.fp32_twin``)
+3. ``pruned80-int8``         (1) + oBERT block4 pruning to 80 % with distillation, then QAT with masks
+                             kept (minilm_6l_prune_qat.yaml)
 4. ``3layer-pruned80-int8``  (1) dropped to 3 layers, pruned 80 % block4, QAT (minilm_3l_drop_prune_qat.yaml)
 
-(2) and (3) share the pruning stage's settings, so (2) is the FP32 export of "the same model"
-that the INT8 one is compared with on DeepSparse. Accuracy is scored on the test split with ONNX
-Runtime on the exported model.onnx; latency at batch 1 / 32 and sequence 128 / 64 on ``--cores``
-cores (2 by default), warm-up first.
+(2) is the FP32 export of the very model that (3) exports in INT8 (same pruned weights, without
+fake quantization), for the INT8-vs-FP32 comparison on DeepSparse. Accuracy is scored on the test
+split with ONNX Runtime on the exported model.onnx; latency at batch 1 / 32 and sequence 128 / 64
+on ``--cores`` cores (2 by default), warm-up first.
 
     python benchmarks/compound.py --quick     # smoke run: small slice, short stages
     python benchmarks/compound.py             # the measurement (about an hour on 2 cores)
@@ -43,7 +44,7 @@ from benchmarks.reproduce import ROWS, SETTINGS, stages_for, training_flags  # n
 # compound name -> reproduce row (the stage that trains it)
 MODELS = {
     "dense-fp32": "dense",
-    "pruned80-fp32": "6L-80-block4",
+    "pruned80-fp32": "6L-80-block4-INT8",  # its FP32 twin
     "pruned80-int8": "6L-80-block4-INT8",
     "3layer-pruned80-int8": "3L-80-block4-INT8",
 }
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg["max_train"] = args.max_train or None
     names = [n for n in MODELS if not (args.skip_layer_drop and n.startswith("3layer"))]
     rows = [r for r in ROWS if r.name in {MODELS[n] for n in names}]
+    twins = {"pruned80-fp32"}  # models exported from a QAT stage's float weights
     work = args.work / f"{mode}-{cfg['max_train'] or 'all'}"
     data = work / "data"
     if not (data / "test.csv").is_file():
@@ -122,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     summary, deployments = [], {}
     for name in names:
         row = MODELS[name]
-        result = pipeline.export(trained[row], work / "deployments" / row, reuse=True)
+        source = trained[row]
+        if name in twins:
+            row = f"{row}-fp32-twin"
+            source = pipeline.fp32_twin(source, work / "twins" / row)
+        result = pipeline.export(source, work / "deployments" / row, reuse=True)
         deployments[name] = result.path
         accuracy = pipeline.test_accuracy(result.path, data / "test.csv", cfg["max_test"])
         summary.append({

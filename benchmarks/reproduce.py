@@ -73,7 +73,6 @@ class Row:
 ROWS = [
     Row("dense", 6, 0.0, "-", False, "base-none"),
     Row("6L-80-unstructured", 6, 0.8, "unstructured", False, "pruned80-none"),
-    Row("6L-80-block4", 6, 0.8, "block4", False, "pruned80_block4-none"),
     Row("6L-80-block4-INT8", 6, 0.8, "block4", True, "pruned80_block4_quant-none"),
     Row("6L-90-unstructured", 6, 0.9, "unstructured", False, "pruned90-none"),
     Row("3L-80-block4-INT8", 3, 0.8, "block4", True, "pruned80_block4_quant-none"),

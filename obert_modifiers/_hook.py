@@ -33,6 +33,7 @@ _LOCK = threading.RLock()
 _installed = False
 
 MODIFIERS_MODULE = "sparseml.pytorch.sparsification"
+DEEPSPARSE_PIPELINE_MODULE = "deepsparse.transformers.pipelines.pipeline"
 
 
 def _run_callbacks(name: str, module: object) -> None:
@@ -108,6 +109,12 @@ def _register_with_sparseml(_module: object) -> None:
     registration.register_all()
 
 
+def _schedule_compat(_module: object) -> None:
+    from obert_modifiers import compat
+
+    compat.apply_all()  # schedules lazily: patches only what is (or gets) imported
+
+
 def install() -> None:
     """Install the finder and the SparseML watch (idempotent, cheap)."""
     global _installed
@@ -122,3 +129,5 @@ def install() -> None:
         warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
         sys.meta_path.insert(0, _AfterImportFinder())
     after_import(MODIFIERS_MODULE, _register_with_sparseml)
+    # DeepSparse pipelines are used without SparseML too (deployment, models pulled by stub)
+    after_import(DEEPSPARSE_PIPELINE_MODULE, _schedule_compat)

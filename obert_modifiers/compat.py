@@ -42,6 +42,7 @@ __all__ = [
     "safetensors_qat_detect",
     "offline_metrics",
     "rng_state_resume",
+    "deepsparse_pipeline_inplace",
 ]
 
 DISABLE_ENV = "OBERT_COMPAT_DISABLE"
@@ -448,6 +449,40 @@ def rng_state_resume(module: ModuleType) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# DeepSparse: a transformers pipeline rewrites the model file it is given
+# --------------------------------------------------------------------------------------------
+
+
+def deepsparse_pipeline_inplace(module: ModuleType) -> None:
+    """DeepSparse pipelines: leave the user's ``model.onnx`` as it is.
+
+    Without it: ``deepsparse.Pipeline.create(task="text-classification", model_path=FOLDER)`` (and
+    every DeepSparse transformers pipeline, also on a model downloaded by ``zoo:`` stub) calls
+    ``overwrite_transformer_onnx_model_inputs(onnx_path, max_length=...)``, whose ``inplace``
+    defaults to True: it saves the graph back over ``FOLDER/model.onnx`` with static inputs
+    ``[1, sequence_length]``. The deployment folder silently loses its dynamic batch and sequence
+    axes (ONNX Runtime then rejects any other shape: ``Got invalid dimensions for input``), its
+    bytes no longer match ``export.json``'s figures or a hub's sha256, and a second pipeline with
+    another sequence length rewrites it again.
+
+    Patch: the pipeline module's reference to that function defaults to ``inplace=False``: DeepSparse
+    then compiles a temporary copy with the static shapes it needs (its own code path, kept alive by
+    the pipeline), and the folder is never written.
+    """
+    original = module.overwrite_transformer_onnx_model_inputs
+    if _patched(original, "deepsparse_pipeline_inplace"):
+        return
+
+    @functools.wraps(original)
+    def overwrite_transformer_onnx_model_inputs(path: str, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("inplace", False)
+        return original(path, *args, **kwargs)
+
+    _mark(overwrite_transformer_onnx_model_inputs, original, "deepsparse_pipeline_inplace")
+    module.overwrite_transformer_onnx_model_inputs = overwrite_transformer_onnx_model_inputs
+
+
+# --------------------------------------------------------------------------------------------
 # registry and scheduling
 # --------------------------------------------------------------------------------------------
 
@@ -491,6 +526,11 @@ FIXES: dict[str, Fix] = {
         ),
         Fix("offline_metrics", offline_metrics, ("datasets.load",)),
         Fix("rng_state_resume", rng_state_resume, ("transformers.trainer",)),
+        Fix(
+            "deepsparse_pipeline_inplace",
+            deepsparse_pipeline_inplace,
+            ("deepsparse.transformers.pipelines.pipeline",),
+        ),
     )
 }
 

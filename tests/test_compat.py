@@ -20,7 +20,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from _helpers import check, run, run_python, stock_export_command, stock_train_command, subset_csv
+from _helpers import (
+    check,
+    offline_env,
+    run,
+    run_python,
+    stock_export_command,
+    stock_train_command,
+    subset_csv,
+)
 
 from obert_modifiers import compat
 
@@ -313,6 +321,47 @@ def test_rng_state_resume(enabled_probes, tiny_bert_dir, tmp_path):
         _probe(tmp_path, "rng_state", disable="rng_state_resume", model=str(tiny_bert_dir), out=str(tmp_path))
     )
     assert "Weights only load failed" in stderr and "_reconstruct" in stderr, stderr[-2000:]
+
+
+_DEEPSPARSE_PROBE = """
+import hashlib, json, sys
+from pathlib import Path
+import onnx
+from deepsparse import Pipeline
+folder = Path(sys.argv[1])
+before = hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest()
+pipeline = Pipeline.create(task="text-classification", model_path=str(folder), sequence_length=16)
+labels = pipeline(sequences=["the central bank raised interest rates"]).labels
+after = hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest()
+graph_input = onnx.load(str(folder / "model.onnx")).graph.input[0]
+dims = [d.dim_value or d.dim_param for d in graph_input.type.tensor_type.shape.dim]
+result = {"unchanged": before == after, "dims": dims, "labels": labels}
+print(json.dumps({**result, "sparseml": "sparseml" in sys.modules}))
+"""
+
+
+@pytest.mark.integration
+def test_deepsparse_pipeline_inplace(tmp_path):
+    """A DeepSparse pipeline leaves the deployment folder's model.onnx untouched (dynamic axes kept);
+    without the fix it rewrites it with static [1, sequence_length] inputs. The fix reaches a process
+    that imports DeepSparse only."""
+    pytest.importorskip("deepsparse")
+    from obert_modifiers.zoo.testing import make_tiny_bert_folders
+
+    deployment, _ = make_tiny_bert_folders(tmp_path / "model", sequence_length=32)
+    second = tmp_path / "second"
+    shutil.copytree(deployment, second)
+    fixed = run_python(_DEEPSPARSE_PROBE, deployment)
+    check(fixed, "DeepSparse pipeline with the fix")
+    result = json.loads(fixed.stdout.strip().splitlines()[-1])
+    assert result["unchanged"] and result["dims"] == ["batch", "sequence"], result
+    assert result["sparseml"] is False and len(result["labels"]) == 1
+    broken = run_python(
+        _DEEPSPARSE_PROBE, second, env=offline_env(OBERT_COMPAT_DISABLE="deepsparse_pipeline_inplace")
+    )
+    check(broken, "DeepSparse pipeline without the fix")
+    result = json.loads(broken.stdout.strip().splitlines()[-1])
+    assert not result["unchanged"] and result["dims"] == [1, 16], result
 
 
 def test_every_fix_has_a_test_and_docs():
