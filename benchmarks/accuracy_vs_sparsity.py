@@ -138,8 +138,16 @@ def run(method: str, sparsity: float, args: argparse.Namespace, data_dir: Path, 
 
     name = "dense" if method == "dense" else f"{method}{int(round(sparsity * 100))}"
     out = work / name
+    done = work / f"{name}.json"  # a finished run (with --keep, a rerun reuses it)
+    recipe_text = make_recipe(method, sparsity, args)
+    if done.is_file() and (out / "pytorch_model.bin").is_file():
+        row = json.loads(done.read_text())
+        if row.get("recipe") == recipe_text:
+            row.pop("recipe")
+            print(f"[accuracy_vs_sparsity] reusing {name}: {json.dumps(row)}", flush=True)
+            return row
     recipe = work / f"{name}.yaml"
-    recipe.write_text(make_recipe(method, sparsity, args))
+    recipe.write_text(recipe_text)
     command = [
         str(Path(sys.executable).parent / "sparseml.transformers.train.text_classification"),
         "--model_name_or_path",
@@ -198,6 +206,7 @@ def run(method: str, sparsity: float, args: argparse.Namespace, data_dir: Path, 
         "train_seconds": seconds,
     }
     print(f"[accuracy_vs_sparsity] {json.dumps(row)}", flush=True)
+    done.write_text(json.dumps({**row, "recipe": recipe_text}))
     return row
 
 
@@ -215,7 +224,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--num-grads", type=int, default=256)
+    parser.add_argument("--num-grads", type=int, default=64)
     parser.add_argument("--grad-batch", type=int, default=16)
     parser.add_argument("--damp", type=float, default=1e-7)
     parser.add_argument("--block-size", type=int, default=50)
