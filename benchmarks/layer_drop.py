@@ -208,6 +208,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=None, help="student epochs (default 2; quick 1)")
     parser.add_argument("--teacher-epochs", type=float, default=2.0, help="teacher fine-tuning epochs (2)")
     parser.add_argument(
+        "--teacher",
+        type=Path,
+        help="use this fine-tuned MiniLM-L6 folder as the teacher (e.g. the dense stage of "
+        "benchmarks/reproduce.py, trained on the same split) instead of fine-tuning one",
+    )
+    parser.add_argument(
         "--max-train", type=int, default=None, help="training snippets (default all; quick 1200)"
     )
     parser.add_argument(
@@ -255,8 +261,10 @@ def main() -> None:
     rows = []
     teacher_recipe = work / "teacher_recipe.yaml"
     teacher_recipe.write_text(TEACHER_RECIPE.format(epochs=args.teacher_epochs))
-    teacher_out = work / "teacher-train"
-    if not (args.reuse and (teacher_out / "pytorch_model.bin").exists()):
+    teacher_out = args.teacher or work / "teacher-train"
+    if args.teacher:
+        log(f"teacher: {args.teacher} (given)")
+    elif not (args.reuse and (teacher_out / "pytorch_model.bin").exists()):
         log(f"teacher: fine-tuning MiniLM-L6 for {args.teacher_epochs} epoch(s)")
         seconds, _ = train(minilm_l6_dir(), data_dir, teacher_out, teacher_recipe, "disable", args)
         log(f"teacher: trained in {seconds:.0f} s")
@@ -310,7 +318,8 @@ def main() -> None:
     settings = {
         "quick": args.quick,
         "epochs": args.epochs,
-        "teacher_epochs": args.teacher_epochs,
+        "teacher_epochs": None if args.teacher else args.teacher_epochs,
+        "teacher": str(args.teacher) if args.teacher else "fine-tuned by this script",
         "train_snippets": len(pandas.read_csv(data_dir / "train.csv")),
         "test_snippets": len(test_rows),
         "max_seq_length_train": 64,
@@ -341,7 +350,12 @@ def main() -> None:
             "## Layer drop 6 -> 3 (MiniLM-L6, Rotten Tomatoes)",
             "",
             f"`benchmarks/layer_drop.py` {mode}{settings['train_snippets']} training snippets, "
-            f"teacher {args.teacher_epochs:g} epoch(s), students {args.epochs:g} epoch(s), "
+            + (
+                f"teacher `{args.teacher.name}` given (`--teacher {args.teacher}`), "
+                if args.teacher
+                else f"teacher {args.teacher_epochs:g} epoch(s), "
+            )
+            + f"students {args.epochs:g} epoch(s), "
             f"{len(test_rows)} test snippets; {settings['benchmark']}). "
             "Students start from the fine-tuned teacher, drop 3 of its 6 layers (`uniform` keeps 0, 2, 4; "
             "`importance` drops the layers whose removal changes the loss least) and train for the same "
