@@ -125,3 +125,43 @@ def test_low_rank_form_equals_dense_blocks():
     got = low.obs_update(0, weights.double(), prune, rows)
     assert _relative_error(got, expected) < 1e-4
     assert torch.all((weights.double() + got)[prune].abs() < 1e-6)
+
+
+def test_float32_cholesky_failures_fall_back_to_float64():
+    """Rank-deficient Gram matrices (m < B) with a tiny damp break the float32 factorisation of some
+    blocks (a zero pivot, which cholesky_inverse rejects); those blocks are redone in float64."""
+    from obert_modifiers.algorithms.fisher import spd_inverse, spd_solve
+
+    torch.manual_seed(5)
+    block, m = 50, 24
+    grads = torch.randn(64, m, block)
+    matrices = grads.transpose(1, 2) @ grads / m + 1e-7 * torch.eye(block)
+    info = torch.linalg.cholesky_ex(matrices / matrices.diagonal(dim1=1, dim2=2).sqrt().unsqueeze(2))[1]
+    assert int((info != 0).sum()) > 0  # the case under test: some float32 factorisations fail
+    inverse = spd_inverse(matrices)  # must not raise
+    rhs = torch.randn(64, block)
+    x = spd_solve(matrices, rhs)
+    assert torch.isfinite(inverse).all() and torch.isfinite(x).all()
+    # backward error (the systems have condition numbers ~1e9: compare residuals, not solutions)
+    m64 = matrices.double()
+    eye_residual = m64 @ inverse.double() - torch.eye(block, dtype=torch.float64)
+    assert float(eye_residual.norm() / (m64.norm() * inverse.double().norm())) < 1e-6
+    residual = (m64 @ x.double().unsqueeze(-1)).squeeze(-1) - rhs.double()
+    assert float(residual.norm() / (m64.norm() * x.double().norm())) < 1e-6
+
+
+def test_spilled_state_restores_without_a_second_allocation():
+    from obert_modifiers.algorithms.fisher import make_fisher, restore_fisher
+
+    torch.manual_seed(6)
+    for m in (12, 2):  # dense blocks, low-rank form
+        fisher = make_fisher([30, 17], 8, local_grads=m, total_grads=m, chunk_size=4)
+        for _ in range(m):
+            fisher.add_gradient([torch.randn(30), torch.randn(17)])
+        fisher.invert(1e-3)
+        state = fisher.spill_state()
+        restored = restore_fisher([30, 17], 8, state, block_slice=3)
+        assert type(restored) is type(fisher) and restored.inverted and restored.block_slice == 3
+        for index in (0, 1):
+            assert torch.equal(restored.diag(index), fisher.diag(index))
+            torch.testing.assert_close(restored.blocks(index), fisher.blocks(index))

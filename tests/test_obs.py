@@ -7,10 +7,11 @@ import torch
 
 from obert_modifiers.algorithms.obs import (
     block_saliency,
+    minimum_budget_bytes,
     obs_prune_step,
     obs_update_blocks,
     parse_mask_type,
-    plan_groups,
+    plan_memory,
     unstructured_saliency,
 )
 from obert_modifiers.algorithms.sparsity import PruningSchedule, interpolate, select_keep_masks
@@ -172,38 +173,74 @@ def test_prune_step_reaches_targets_and_keeps_pruned(mask_type, global_sparsity)
         assert stats.grad_seconds >= 0 and stats.inverse_seconds > 0 and stats.num_grads == 12
 
 
-@pytest.mark.parametrize("num_grads", [8, 2])  # dense blocks, low-rank (m <= B/4) form
-def test_memory_budget_gives_the_same_result_in_groups(num_grads):
-    results = []
-    # one weight matrix per group: dense 3.3 kB + 0.6 kB, low-rank 1.5 kB + 0.3 kB of state
-    for budget in (None, (3400 if num_grads == 8 else 1700) / 2**30):
-        model, data = _tiny_model(3)
-        params = [model[0].weight, model[2].weight, model[4].weight]
-        masks = [torch.ones_like(p, dtype=torch.bool) for p in params]
-        stats = obs_prune_step(
-            params,
-            masks,
-            [0.5] * 3,
-            _model_sampler(model, data),
-            num_grads=num_grads,
-            damp=1e-4,
-            fisher_block_size=8,
-            memory_budget_gb=budget,
-            num_recomputations=2,
-            other_params=[p for p in model.parameters() if all(p is not q for q in params)],
-        )
-        results.append((stats.num_groups, [p.detach().clone() for p in params], [m.clone() for m in masks]))
-        assert all(p.requires_grad for p in model.parameters())  # restored after grouped passes
-    assert results[0][0] == 1 and results[1][0] == 3
-    for a, b in zip(results[0][1], results[1][1], strict=False):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    for a, b in zip(results[0][2], results[1][2], strict=False):
-        assert torch.equal(a, b)
+def _budgeted_step(num_grads: int, budget_gb, global_sparsity: bool = True, mask_type: str = "unstructured"):
+    model, data = _tiny_model(3)
+    params = [model[0].weight, model[2].weight, model[4].weight]
+    masks = [torch.ones_like(p, dtype=torch.bool) for p in params]
+    stats = obs_prune_step(
+        params,
+        masks,
+        [0.5] * 3,
+        _model_sampler(model, data),
+        num_grads=num_grads,
+        damp=1e-4,
+        fisher_block_size=8,
+        mask_type=mask_type,
+        global_sparsity=global_sparsity,
+        memory_budget_gb=budget_gb,
+        num_recomputations=2,
+        other_params=[p for p in model.parameters() if all(p is not q for q in params)],
+    )
+    assert all(p.requires_grad for p in model.parameters())  # restored after grouped passes
+    return stats, [p.detach().clone() for p in params], masks
 
 
-def test_budget_too_small_names_the_parameter():
-    with pytest.raises(ValueError, match="memory_budget_gb"):
-        plan_groups([1000, 10], 50, 4, budget_bytes=100)
+@pytest.mark.parametrize(
+    "num_grads,global_sparsity,mask_type",
+    [(8, True, "unstructured"), (2, True, "unstructured"), (8, False, "unstructured"), (8, True, "block4")],
+)  # dense blocks, low-rank (m <= B/4) form, layer-wise threshold, block masks
+def test_memory_budget_gives_the_same_result_in_groups(num_grads, global_sparsity, mask_type):
+    base_stats, base_weights, base_masks = _budgeted_step(num_grads, None, global_sparsity, mask_type)
+    numels = [8 * 16, 16 * 8, 8 * 3]
+    group = 4 if mask_type == "block4" else 1
+    floor = minimum_budget_bytes(numels, block_size=8, num_grads=num_grads, mask_group=group)
+    # just above the floor: parameters are split at block boundaries into many groups
+    for budget in (floor, int(1.1 * floor)):
+        stats, weights, masks = _budgeted_step(num_grads, budget / 2**30, global_sparsity, mask_type)
+        plan = plan_memory(numels, block_size=8, num_grads=num_grads, budget_bytes=budget, mask_group=group)
+        assert base_stats.num_groups == 1 and stats.num_groups == len(plan.groups) >= 2
+        assert sum(len(g) for g in plan.groups) > len(numels)  # some parameter is split across groups
+        assert stats.estimate_bytes <= budget
+        for a, b in zip(base_weights, weights, strict=False):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        for a, b in zip(base_masks, masks, strict=False):
+            assert torch.equal(a, b)
+
+
+def test_planner_estimate_stays_below_the_budget_and_splits_parameters():
+    numels = [768 * 768] * 4 + [768 * 3072] * 2  # one BERT-base encoder layer
+    unbudgeted = plan_memory(numels, block_size=50, num_grads=256)
+    assert len(unbudgeted.groups) == 1 and unbudgeted.budget_bytes is None
+    for share in (0.5, 0.25, 0.15):
+        budget = int(share * unbudgeted.estimate_bytes)
+        plan = plan_memory(numels, block_size=50, num_grads=256, budget_bytes=budget)
+        assert plan.estimate_bytes <= 0.9 * budget  # 10 % headroom for activations and slack
+        segments = [s for g in plan.groups for s in g]
+        # every weight exactly once, in parameter order, cut at Fisher-block boundaries
+        assert [(s.param, s.start) for s in segments] == sorted((s.param, s.start) for s in segments)
+        for index, numel in enumerate(numels):
+            mine = [s for s in segments if s.param == index]
+            assert mine[0].start == 0 and mine[-1].stop == numel
+            assert all(a.stop == b.start and b.start % 50 == 0 for a, b in zip(mine, mine[1:], strict=False))
+        assert len(plan.groups) >= round(1 / share) - 1
+
+
+def test_budget_too_small_names_the_key_and_the_smallest_budget():
+    floor = minimum_budget_bytes([1000, 10], block_size=50, num_grads=16)
+    with pytest.raises(ValueError, match=r"memory_budget_gb=.*smallest feasible budget is") as error:
+        plan_memory([1000, 10], block_size=50, num_grads=16, budget_bytes=floor - 1)
+    assert f"{floor / 2**30:.4g}" in str(error.value)
+    assert plan_memory([1000, 10], block_size=50, num_grads=16, budget_bytes=floor).budget_bytes == floor
 
 
 def test_mask_type_parsing():

@@ -23,7 +23,7 @@ changing its tag), plus ``memory_budget_gb``::
       fisher_block_size: 50
       grad_sampler_kwargs: {batch_size: 16}
       num_recomputations: 1
-      memory_budget_gb: null     # e.g. 2.0: Fisher state of parameter groups in turn
+      memory_budget_gb: null     # e.g. 2.0: cap on the step's extra memory (groups in turn)
 
 Lifecycle: the trainer's ``grad_sampler`` (initialize kwarg) supplies gradients; a pruning step runs
 in ``update`` when the schedule says so; masks are re-applied after every optimizer step while the
@@ -46,7 +46,7 @@ from sparseml.pytorch.utils import GradSampler, get_named_layers_and_params_by_r
 from sparseml.sparsification import SparsificationTypes
 from torch.nn import Module
 
-from obert_modifiers.algorithms.obs import obs_prune_step, parse_mask_type
+from obert_modifiers.algorithms.obs import obs_prune_step, parse_mask_type, plan_memory
 from obert_modifiers.algorithms.sparsity import INTERPOLATIONS, PruningSchedule, epoch_from_steps
 from obert_modifiers.modifiers._base import (
     RecipeParameterError,
@@ -257,6 +257,7 @@ class OBertPruningModifier(ScheduledUpdateModifier):
             )
         self._module = module
         self._names, self._weights = self._find_params(module)
+        self._check_memory_budget()
         self._grad_sampler = GradSampler(
             sampler["data_loader_builder"](self._grad_sampler_kwargs), sampler["loss_function"]
         )
@@ -267,6 +268,27 @@ class OBertPruningModifier(ScheduledUpdateModifier):
         if math.isinf(epoch):  # one-shot (manager.apply): prune straight to final_sparsity
             self._prune(module, self._final_sparsity, epoch=epoch, steps_per_epoch=1)
             self._pruning_ended = True
+
+    def _check_memory_budget(self) -> None:
+        """Fail at initialize, not at the first pruning step, when the budget cannot be met."""
+        if self._memory_budget_gb is None:
+            return
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        try:
+            plan_memory(
+                [w.numel() for w in self._weights],
+                block_size=self._fisher_block_size,
+                num_grads=math.ceil(self._num_grads / world) * world,
+                budget_bytes=int(self._memory_budget_gb * 2**30),
+                mask_group=parse_mask_type(self._mask_type),
+            )
+        except ValueError as error:
+            raise RecipeParameterError(
+                _NAME,
+                "memory_budget_gb",
+                self._memory_budget_gb,
+                f"a budget these {len(self._weights)} parameters fit in ({error})",
+            ) from None
 
     def _find_params(self, module: Module) -> tuple:
         if any(p in ("__ALL__", "__ALL_PRUNABLE__") for p in self._params):
