@@ -195,6 +195,20 @@ def test_missing_grad_sampler_is_a_clear_error():
         manager.initialize(tiny_model())
 
 
+def test_infeasible_memory_budget_fails_at_initialize_naming_the_key():
+    """A budget below what one pruning step needs is refused when SparseML's manager initializes
+    the modifier (not hours later at the first pruning step), with the key and the smallest budget."""
+    from sparseml.pytorch.optim import ScheduledModifierManager
+
+    text = recipe() + "    memory_budget_gb: 1.0e-6\n"
+    manager = ScheduledModifierManager.from_yaml(text)
+    assert ours(manager).memory_budget_gb == pytest.approx(1e-6)
+    with pytest.raises(ValueError, match=r"memory_budget_gb.*smallest feasible budget is [0-9.e-]+ GB"):
+        manager.initialize(tiny_model(), grad_sampler=grad_sampler())
+    feasible = ScheduledModifierManager.from_yaml(recipe() + "    memory_budget_gb: 0.5\n")
+    feasible.initialize(tiny_model(), grad_sampler=grad_sampler())  # a sufficient budget is accepted
+
+
 # ---------------------------------------------------------------------------------- lifecycle
 def test_gradual_pruning_schedule_masks_and_logs():
     from sparseml.pytorch.optim import ScheduledModifierManager
