@@ -125,7 +125,7 @@ def _keep_mask_for_scores(scores: Tensor, num_prune: int) -> Tensor:
     )
     below = scores < threshold
     keep &= ~below
-    remaining = num_prune - int(below.sum())
+    remaining = num_prune - int(torch.count_nonzero(below))  # no int64 copy of the mask
     if remaining > 0:  # prune the first `remaining` entries equal to the threshold
         ties = torch.nonzero(scores == threshold).flatten()[:remaining]
         keep[ties] = False
@@ -155,7 +155,7 @@ def select_keep_masks(scores: Sequence[Tensor], sparsities: Sequence[float], glo
 def sparsity_of(tensors: Sequence[Tensor]) -> float:
     """Fraction of exact zeros over all ``tensors``."""
     total = sum(t.numel() for t in tensors)
-    zeros = sum(int((t == 0).sum()) for t in tensors)
+    zeros = sum(t.numel() - int(torch.count_nonzero(t)) for t in tensors)
     return zeros / total if total else 0.0
 
 
