@@ -216,6 +216,9 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 256 training rows, 1 epoch, 8 grads")
     parser.add_argument("--sparsities", default="0.8,0.9")
+    parser.add_argument(
+        "--methods", default="gmp,obert", help="pruning runs to do (several processes can share --keep)"
+    )
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--prune-start", type=float, default=0.5)
     parser.add_argument("--prune-end", type=float, default=2.0)
@@ -250,11 +253,14 @@ def main() -> None:
     try:
         rows.append(run("dense", 0.0, args, data_dir, work))
         for sparsity in sparsities:
-            for method in ("gmp", "obert"):
+            for method in args.methods.split(","):
                 rows.append(run(method, sparsity, args, data_dir, work))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    if sorted(args.methods.split(",")) != ["gmp", "obert"]:
+        print("[accuracy_vs_sparsity] partial run (--methods): no report; rerun with both methods and --keep")
+        return
     report(rows, args, sparsities)
 
 
