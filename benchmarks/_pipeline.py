@@ -266,7 +266,14 @@ def fp32_twin(model_dir: Path, out: Path) -> Path:
     if out.exists():
         shutil.rmtree(out)
     state = torch.load(model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), attn_implementation="eager")
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the fake-quant buffers are "unused" here, on purpose
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), attn_implementation="eager")
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     float_state = {k: v for k, v in state.items() if k in model.state_dict()}
     missing = sorted(set(model.state_dict()) - set(float_state))
     if missing:
