@@ -271,7 +271,9 @@ def fp32_twin(model_dir: Path, out: Path) -> Path:
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the fake-quant buffers are "unused" here, on purpose
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), attn_implementation="eager")
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(model_dir), attn_implementation="eager"
+        )
     finally:
         transformers.logging.set_verbosity(verbosity)
     float_state = {k: v for k, v in state.items() if k in model.state_dict()}
