@@ -48,7 +48,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         max_train=4000, max_eval=None, max_test=None, seq=64, batch_size=16, seed=42,
         teacher_epochs=3.0, teacher_lr=5e-5, drop_epochs=1.0, prune_epochs=1.5, recovery_epochs=0.5,
         qat_epochs=1.0, num_grads=64, grad_batch_size=16, update_frequency=0.5,
-        seconds=5.0, warmup=1.5,
+        seconds=4.0, warmup=1.0,
     ),
 }  # fmt: skip
 ARCH = "minilm-l6"
