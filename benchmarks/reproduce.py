@@ -366,6 +366,12 @@ def report(mode, cfg, args, table, timings, verification, seconds, stages) -> No
         if verification
         else "Hub round trip skipped (--no-publish)."
     )
+    skipped = [r.name for r in ROWS if r.name not in by]
+    if skipped:
+        target_lines.append(
+            f"Rows not run this time (`--rows`): {', '.join(skipped)} (run them with "
+            f"`--rows {','.join(skipped)}`; the stage cache keeps the others)."
+        )
     loads = [t["load_average_1m"] for t in timings if t.get("load_average_1m") is not None]
     slice_text = (
         f"{cfg['max_train']:,} training snippets" if cfg["max_train"] else "all 9,755 training snippets"
