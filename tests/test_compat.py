@@ -375,10 +375,12 @@ def test_every_fix_has_a_test_and_docs():
 
 @pytest.mark.integration
 def test_every_fix_reaches_the_stock_entry_points(tmp_path):
-    """The lazy scheduling misses nothing: after importing the stock training and export modules,
-    each fix has been applied to each of its modules that is loaded."""
+    """The lazy scheduling misses nothing: after importing the stock training and export modules
+    and DeepSparse's transformers pipelines, each fix has been applied to each of its modules that
+    is loaded."""
     code = (
         "import sys, json, sparseml.transformers.text_classification, sparseml.transformers.export\n"
+        "import deepsparse.transformers.pipelines.text_classification\n"
         "from obert_modifiers import compat\n"
         "loaded = sorted((f.name, m) for f in compat.FIXES.values() for m in f.modules if m in sys.modules)\n"
         "print(json.dumps({'loaded': loaded, 'applied': compat.applied_fixes()}))\n"
