@@ -309,17 +309,20 @@ def plan_memory(
     naming ``memory_budget_gb`` and the smallest feasible budget when the budget is too small."""
     numels = [int(n) for n in numels]
     total_scores = sum(numels) // mask_group
-    if budget_bytes is None:
-        chunk = chunk_size or default_chunk_size(block_size, num_grads)
-        groups = [[Segment(i, 0, n) for i, n in enumerate(numels)]]
-        sizes = dict(
+
+    def sizes(chunk: int, block_slice: int) -> dict:
+        return dict(
             block_size=block_size,
             num_grads=num_grads,
             chunk_size=chunk,
-            block_slice=DEFAULT_BLOCK_SLICE,
+            block_slice=block_slice,
             mask_group=mask_group,
         )
-        estimate = estimate_group_bytes(groups[0], numels, **sizes)
+
+    if budget_bytes is None:
+        chunk = chunk_size or default_chunk_size(block_size, num_grads)
+        groups = [[Segment(i, 0, n) for i, n in enumerate(numels)]]
+        estimate = estimate_group_bytes(groups[0], numels, **sizes(chunk, DEFAULT_BLOCK_SLICE))
         estimate = max(estimate, 4 * total_scores + _selection_bytes(total_scores))
         return MemoryPlan(groups, chunk, DEFAULT_BLOCK_SLICE, estimate)
     usable = int(budget_bytes * (1.0 - BUDGET_HEADROOM))
@@ -337,25 +340,18 @@ def plan_memory(
     largest_chunk = chunk_size or default_chunk_size(block_size, num_grads)
     best = None
     for chunk in [chunk_size] if chunk_size else range(1, largest_chunk + 1):
-        sizes = dict(
-            block_size=block_size,
-            num_grads=num_grads,
-            chunk_size=chunk,
-            block_slice=block_slice,
-            mask_group=mask_group,
-        )
-        groups = _pack_groups(numels, usable, **sizes)
+        groups = _pack_groups(numels, usable, **sizes(chunk, block_slice))
         if groups is None:
             if best is None:
                 raise too_small
             break
         if best is not None and len(groups) > len(best[0]):
             break
-        best = (groups, sizes)
-    groups, sizes = best
-    estimate = max(estimate_group_bytes(g, numels, **sizes) for g in groups)
+        best = (groups, chunk)
+    groups, chunk = best
+    estimate = max(estimate_group_bytes(g, numels, **sizes(chunk, block_slice)) for g in groups)
     estimate = max(estimate, 4 * total_scores + _selection_bytes(total_scores))
-    return MemoryPlan(groups, sizes["chunk_size"], block_slice, estimate, budget_bytes)
+    return MemoryPlan(groups, chunk, block_slice, estimate, budget_bytes)
 
 
 @dataclass
