@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -342,26 +343,24 @@ def time_deployments(
     from obert_modifiers.bench import run_benchmark
 
     rows = []
-    for name, folder in deployments.items():
-        for core_count in cores:
-            for batch, length in grid:
-                for bench in run_benchmark(
-                    folder,
-                    engines=tuple(engines),
-                    batch_size=batch,
-                    sequence_length=length,
-                    num_cores=core_count,
-                    seconds=seconds,
-                    warmup_seconds=warmup,
-                ):
-                    rows.append({**bench.to_dict(), "model": name})
-                    status = (
-                        f"median {bench.median_ms:8.2f} ms  load {bench.load_average_1m:.2f}"
-                        if bench.ok
-                        else f"{bench.status}: {bench.error}"
-                    )
-                    where = f"b{batch:<3d} s{length:<4d} c{core_count}"
-                    print(f"[timing] {name:22s} {bench.engine:12s} {where} {status}", flush=True)
+    for (name, folder), core_count, (batch, length) in itertools.product(deployments.items(), cores, grid):
+        for bench in run_benchmark(
+            folder,
+            engines=tuple(engines),
+            batch_size=batch,
+            sequence_length=length,
+            num_cores=core_count,
+            seconds=seconds,
+            warmup_seconds=warmup,
+        ):
+            rows.append({**bench.to_dict(), "model": name})
+            status = (
+                f"median {bench.median_ms:8.2f} ms  load {bench.load_average_1m:.2f}"
+                if bench.ok
+                else f"{bench.status}: {bench.error}"
+            )
+            where = f"b{batch:<3d} s{length:<4d} c{core_count}"
+            print(f"[timing] {name:22s} {bench.engine:12s} {where} {status}", flush=True)
     return rows
 
 
