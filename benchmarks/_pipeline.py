@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -262,11 +263,14 @@ def fp32_twin(model_dir: Path, out: Path) -> Path:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     marker = out / "twin.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("source") == str(model_dir):
+    weights = model_dir / "pytorch_model.bin"
+    # the source folder is retrained in place when its stage changes: key on the weights' mtime too
+    source = {"source": str(model_dir), "weights_mtime_ns": weights.stat().st_mtime_ns}
+    if marker.is_file() and json.loads(marker.read_text()) == source:
         return out
     if out.exists():
         shutil.rmtree(out)
-    state = torch.load(model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
     import transformers
 
     verbosity = transformers.logging.get_verbosity()
@@ -284,7 +288,7 @@ def fp32_twin(model_dir: Path, out: Path) -> Path:
     model.load_state_dict(float_state, strict=True)
     model.save_pretrained(str(out), safe_serialization=False)
     AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(out))
-    marker.write_text(json.dumps({"source": str(model_dir)}))
+    marker.write_text(json.dumps(source))
     return out
 
 
@@ -338,12 +342,19 @@ def time_deployments(
     seconds: float,
     warmup: float,
     engines: Sequence[str] = ("onnxruntime", "deepsparse"),
+    rounds: int = 1,
 ) -> list[dict]:
-    """Latency of every deployment on every engine, batch/sequence pair and core count."""
+    """Latency of every deployment on every engine, batch/sequence pair and core count.
+
+    With ``rounds`` > 1 the whole grid is timed that many times, interleaved (so a slow spell of
+    the machine hits every model alike rather than one), and each entry reports the median of its
+    per-round medians, with every round's median kept in ``round_medians_ms``.
+    """
     from obert_modifiers.bench import run_benchmark
 
-    rows = []
-    for (name, folder), core_count, (batch, length) in itertools.product(deployments.items(), cores, grid):
+    runs: dict[tuple, list[dict]] = {}
+    plan = list(itertools.product(range(rounds), deployments.items(), cores, grid))
+    for round_index, (name, folder), core_count, (batch, length) in plan:
         for bench in run_benchmark(
             folder,
             engines=tuple(engines),
@@ -353,15 +364,33 @@ def time_deployments(
             seconds=seconds,
             warmup_seconds=warmup,
         ):
-            rows.append({**bench.to_dict(), "model": name})
+            key = (name, bench.engine, batch, length, core_count)
+            runs.setdefault(key, []).append({**bench.to_dict(), "model": name})
             status = (
                 f"median {bench.median_ms:8.2f} ms  load {bench.load_average_1m:.2f}"
                 if bench.ok
                 else f"{bench.status}: {bench.error}"
             )
             where = f"b{batch:<3d} s{length:<4d} c{core_count}"
-            print(f"[timing] {name:22s} {bench.engine:12s} {where} {status}", flush=True)
-    return rows
+            tag = f"round {round_index + 1}/{rounds} " if rounds > 1 else ""
+            print(f"[timing] {tag}{name:22s} {bench.engine:12s} {where} {status}", flush=True)
+    return [_median_of_rounds(results) for results in runs.values()]
+
+
+def _median_of_rounds(results: list[dict]) -> dict:
+    """One entry for a timed configuration: the round whose median is the median of the rounds."""
+    ok = [r for r in results if r["status"] == "ok"]
+    if not ok:
+        return results[-1]
+    ordered = sorted(ok, key=lambda r: r["median_ms"])
+    entry = dict(ordered[(len(ordered) - 1) // 2])
+    medians = [r["median_ms"] for r in ok]
+    entry.update(
+        median_ms=statistics.median(medians),
+        rounds=len(results),
+        round_medians_ms=medians,
+    )
+    return entry
 
 
 def median_ms(

@@ -72,3 +72,22 @@ def update_results_section(name: str, markdown: str) -> Path:
         text = text.rstrip() + "\n\n" + block + "\n"
     RESULTS_MD.write_text(text)
     return RESULTS_MD
+
+
+def paired_comparison(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict[str, Any]:
+    """McNemar's exact test of two classifiers scored on the same examples.
+
+    Only the examples the two disagree on carry information: ``b_only`` (B right, A wrong) and
+    ``a_only``. Under "equally accurate" each disagreement is a fair coin, so the two-sided p-value
+    is a binomial test on them; pairing makes this far more sensitive than comparing two
+    independent accuracy intervals.
+    """
+    from scipy.stats import binomtest
+
+    if len(correct_a) != len(correct_b):
+        raise ValueError(f"paired comparison needs the same examples ({len(correct_a)} vs {len(correct_b)})")
+    a_only = sum(bool(a) and not b for a, b in zip(correct_a, correct_b, strict=True))
+    b_only = sum(bool(b) and not a for a, b in zip(correct_a, correct_b, strict=True))
+    discordant = a_only + b_only
+    p_value = binomtest(b_only, discordant, 0.5).pvalue if discordant else 1.0
+    return {"a_only": a_only, "b_only": b_only, "p_value": float(p_value), "n": len(correct_a)}

@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import _pipeline as pipeline  # noqa: E402
 from benchmarks._results import RESULTS_DIR, markdown_table, update_results_section, write_json  # noqa: E402
-from benchmarks.reproduce import ROWS, SETTINGS, stages_for, training_flags  # noqa: E402
+from benchmarks.reproduce import ROWS, SETTINGS, epochs_text, stages_for, training_flags  # noqa: E402
 
 # compound name -> reproduce row (the stage that trains it)
 MODELS = {
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             f"sparsity {result.sparsity:.1%}, parity {result.max_abs_diff:.2g}"
         )
     timing_rows = pipeline.time_deployments(
-        deployments, GRID[mode], args.cores, cfg["seconds"], cfg["warmup"]
+        deployments, GRID[mode], args.cores, cfg["seconds"], cfg["warmup"], rounds=cfg["rounds"]
     )
 
     def median(model: str, engine: str, batch: int, length: int, cores: int) -> float | None:
@@ -216,11 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     notes = [
         f"Mode `{mode}` ({kind}): {slice_text}, seq {cfg['seq']}; stages (recipes/minilm_*.yaml, "
-        f"docs/recipes.md) teacher {cfg['teacher_epochs']} epochs, oBERT block4 pruning "
-        f"{cfg['prune_epochs']} + recovery {cfg['recovery_epochs']}, QAT {cfg['qat_epochs']}, layer drop "
-        f"{cfg['drop_epochs']}, distillation from the teacher throughout. Test accuracy on "
+        f"docs/recipes.md), in epochs: teacher {cfg['teacher_epochs']:g}; "
+        + "; ".join(f"{row.name}: {epochs_text(cfg, row)}" for row in rows if row.name != "dense")
+        + "; distillation from the teacher throughout. Test accuracy on "
         + (f"the first {cfg['max_test']} test snippets" if cfg["max_test"] else "the 1,913 test snippets")
-        + f". Timings: {args.cores} core(s), 1-minute load average {load_text} (DeepSparse spin-waits on "
+        + f". Timings: {args.cores} core(s), median of {cfg['seconds']:g} s per run, the median of "
+        f"{cfg['rounds']} interleaved round(s); 1-minute load average {load_text} (DeepSparse spin-waits on "
         "its cores, so any other job on the machine inflates its figures; see docs/benchmark.md).",
         "Target: pruned + INT8 on DeepSparse >= 5x faster than dense FP32 on ONNX Runtime at batch 1, "
         "seq 128: " + measured,

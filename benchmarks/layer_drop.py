@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._pipeline import OFFLINE, predictions  # noqa: E402
-from benchmarks._results import markdown_table, update_results_section, write_json  # noqa: E402
+from benchmarks._results import markdown_table, paired_comparison, update_results_section, write_json  # noqa: E402
 
 NAME = "layer_drop"
 RECIPE = ROOT / "recipes" / "layer_drop_minilm_3layer.yaml"
@@ -123,12 +123,12 @@ def clean_copy(source: Path, target: Path) -> Path:
     return target
 
 
-def test_accuracy(deployment: Path, rows: list) -> float:
-    """Accuracy of the exported model on ``rows`` ((sentence, label name)) with ONNX Runtime."""
+def test_correct(deployment: Path, rows: list) -> list[bool]:
+    """Per snippet of ``rows`` ((sentence, label name)): is the exported model right (ONNX Runtime)?"""
     config = json.loads((deployment / "config.json").read_text())
     id2label = {int(k): v for k, v in config["id2label"].items()}
     predicted = predictions(deployment, [s for s, _ in rows]).argmax(-1)
-    return sum(id2label[int(p)] == label for p, (_, label) in zip(predicted, rows, strict=True)) / len(rows)
+    return [id2label[int(p)] == label for p, (_, label) in zip(predicted, rows, strict=True)]
 
 
 def measure(name: str, model_dir: Path, work: Path, test_rows: list, args, extra: dict) -> dict:
@@ -139,13 +139,15 @@ def measure(name: str, model_dir: Path, work: Path, test_rows: list, args, extra
         model_dir, work / f"deploy-{len(list(work.glob('deploy-*')))}", sequence_length=128
     )
     log(f"{name}: test accuracy ({len(test_rows)} snippets, ONNX Runtime)")
-    accuracy = test_accuracy(result.path, test_rows)
+    correct = test_correct(result.path, test_rows)
+    accuracy = sum(correct) / len(correct)
     config = json.loads((model_dir / "config.json").read_text())
     row = {
         "model": name,
         "num_layers": result.num_layers,
         "layer_map": config.get("obert_layer_map"),
         "test_accuracy": accuracy,
+        "test_correct": "".join("1" if c else "0" for c in correct),
         "parameters": result.num_parameters,
         "onnx_bytes": result.onnx_bytes,
         "parity_max_abs_diff": result.max_abs_diff,
@@ -305,12 +307,18 @@ def main() -> None:
     best_distilled = max(r["test_accuracy"] for r in rows[1:] if r["distilled"])
     by_arm = {(r["strategy"], r["distilled"]): r["test_accuracy"] for r in rows[1:]}
     teacher_accuracy = rows[0]["test_accuracy"]
+    correct = {(r["strategy"], r["distilled"]): [c == "1" for c in r["test_correct"]] for r in rows[1:]}
+    paired = {
+        strategy: paired_comparison(correct[(strategy, False)], correct[(strategy, True)])
+        for strategy in ("uniform", "importance")
+    }
     summary = {
         "distillation_gain": best_distilled - best_plain,
         "distillation_gain_uniform": by_arm[("uniform", True)] - by_arm[("uniform", False)],
         "distillation_gain_importance": by_arm[("importance", True)] - by_arm[("importance", False)],
         "accuracy_95ci_half_width": 1.96
         * (teacher_accuracy * (1 - teacher_accuracy) / len(test_rows)) ** 0.5,
+        "paired_mcnemar": paired,  # a = fine-tuned, b = distilled, same test snippets
         "target_distillation_recovers_more": best_distilled > best_plain,
         "speedup_3_vs_6_layers": min(r["speedup_vs_teacher"] or 0 for r in rows[1:]),
         "target_speedup_1_8x": min(r["speedup_vs_teacher"] or 0 for r in rows[1:]) >= 1.8,
@@ -368,7 +376,12 @@ def main() -> None:
             f"(uniform {summary['distillation_gain_uniform']:+.4f}, importance "
             f"{summary['distillation_gain_importance']:+.4f}); with {len(test_rows)} test snippets an "
             f"accuracy's 95 % interval is about +/-{summary['accuracy_95ci_half_width']:.3f}, so differences "
-            "smaller than that are noise. "
+            "smaller than that are noise for two independent accuracies. Paired on the same snippets "
+            "(McNemar's exact test; snippets only the distilled / only the fine-tuned student gets right): "
+            + "; ".join(
+                f"{k} {v['b_only']} vs {v['a_only']}, p = {v['p_value']:.3f}" for k, v in paired.items()
+            )
+            + ". "
             f"3-layer vs 6-layer ORT speed-up: {summary['speedup_3_vs_6_layers']:.2f}x (target >= 1.8x). "
             f"Machine load (1 min) at the end: {os.getloadavg()[0]:.1f}.",
             "",

@@ -42,13 +42,17 @@ SETTINGS: dict[str, dict[str, Any]] = {
         max_train=480, max_eval=64, max_test=256, seq=64, batch_size=16, seed=42,
         teacher_epochs=2.0, teacher_lr=1.5e-4, drop_epochs=0.5, prune_epochs=1.0, recovery_epochs=0.5,
         qat_epochs=0.5, num_grads=16, grad_batch_size=8, update_frequency=0.25,
-        seconds=1.5, warmup=0.5,
+        seconds=1.5, warmup=0.5, rounds=1,
     ),
     "full": dict(
         max_train=4000, max_eval=None, max_test=None, seq=64, batch_size=16, seed=42,
         teacher_epochs=3.0, teacher_lr=5e-5, drop_epochs=1.0, prune_epochs=1.5, recovery_epochs=0.5,
         qat_epochs=1.0, num_grads=64, grad_batch_size=16, update_frequency=0.5,
-        seconds=4.0, warmup=1.0,
+        seconds=4.0, warmup=1.0, rounds=3,
+        # the 6-layer block4 + INT8 row missed its 98 % recovery target with the shared schedule
+        # (0.969 with pruning 1.5 + recovery 0.5 epochs): it gets a longer recovery (4 epochs in all: SparseML
+        # rounds a recipe's last epoch up, so totals are kept whole)
+        row_schedule={"6L-80-block4-INT8": dict(recovery_epochs=1.5)},
     ),
 }  # fmt: skip
 ARCH = "minilm-l6"
@@ -79,6 +83,23 @@ ROWS = [
 ]
 
 
+def schedule(cfg: dict[str, Any], row: Row) -> dict[str, Any]:
+    """The settings ``row`` trains with: the mode's shared ones, with its own epochs where it has them."""
+    return {**cfg, **cfg.get("row_schedule", {}).get(row.name, {})}
+
+
+def epochs_text(cfg: dict[str, Any], row: Row) -> str:
+    """The row's training epochs after the teacher, stage by stage."""
+    if row.name == "dense":
+        return f"{cfg['teacher_epochs']:g}"
+    own = schedule(cfg, row)
+    parts = [f"drop {own['drop_epochs']:g}"] if row.layers != 6 else []
+    parts += [f"prune {own['prune_epochs']:g}", f"recover {own['recovery_epochs']:g}"]
+    if row.int8:
+        parts.append(f"QAT {own['qat_epochs']:g}")
+    return " + ".join(parts)
+
+
 def stages_for(rows: list[Row], cfg: dict[str, Any]) -> list[pipeline.Stage]:
     """The training runs behind ``rows``: the dense teacher, then one staged recipe per row."""
     stages = [
@@ -91,19 +112,20 @@ def stages_for(rows: list[Row], cfg: dict[str, Any]) -> list[pipeline.Stage]:
     for row in rows:
         if row.name == "dense":
             continue
+        own = schedule(cfg, row)
         args: dict[str, Any] = {
             "final_sparsity": row.sparsity,
             "mask_type": row.mask,
-            "prune_epochs": cfg["prune_epochs"],
-            "recovery_epochs": cfg["recovery_epochs"],
-            "num_grads": cfg["num_grads"],
-            "grad_batch_size": cfg["grad_batch_size"],
-            "update_frequency": cfg["update_frequency"],
+            "prune_epochs": own["prune_epochs"],
+            "recovery_epochs": own["recovery_epochs"],
+            "num_grads": own["num_grads"],
+            "grad_batch_size": own["grad_batch_size"],
+            "update_frequency": own["update_frequency"],
         }
         if row.int8:
-            args["qat_epochs"] = cfg["qat_epochs"]
+            args["qat_epochs"] = own["qat_epochs"]
         if row.layers != 6:
-            args.update(keep_layers=row.layers, drop_epochs=cfg["drop_epochs"])
+            args.update(keep_layers=row.layers, drop_epochs=own["drop_epochs"])
             recipe = "minilm_3l_drop_prune_qat.yaml"
         else:
             recipe = "minilm_6l_prune_qat.yaml" if row.int8 else "minilm_6l_prune.yaml"
@@ -264,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         accuracy = pipeline.test_accuracy(result.path, data / "test.csv", cfg["max_test"])
         table.append({
             "row": row.name, "layers": row.layers, "mask": row.mask, "int8": row.int8,
+            "epochs": epochs_text(cfg, row),
             "accuracy": accuracy, "parameters": pipeline.num_parameters(result.path),
             "sparsity": result.sparsity, "onnx_mb": result.onnx_bytes / 1e6,
             "parity_max_abs_diff": result.max_abs_diff, "stub": row.stub,
@@ -275,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     grid = [(1, 128), (1, 64)]
-    timings = pipeline.time_deployments(deployments, grid, [args.cores], cfg["seconds"], cfg["warmup"])
+    timings = pipeline.time_deployments(
+        deployments, grid, [args.cores], cfg["seconds"], cfg["warmup"], rounds=cfg["rounds"]
+    )
     dense_acc = next(r["accuracy"] for r in table if r["row"] == "dense")
     for entry in table:
         entry["recovery"] = entry["accuracy"] / dense_acc
@@ -335,13 +360,13 @@ def report(mode, cfg, args, table, timings, verification, seconds, stages) -> No
         return "n/a" if value is None else pattern.format(value)
 
     headers = [
-        "row", "layers", "INT8", "test acc", "recovery", "params (M)", "sparsity", "ONNX MB",
+        "row", "layers", "INT8", "epochs", "test acc", "recovery", "params (M)", "sparsity", "ONNX MB",
         "DS b1 s128 ms", "ORT b1 s128 ms", "DS b1 s64 ms", "ORT b1 s64 ms",
         "DS speed-up s128", "ORT speed-up s128", "DS speed-up s64",
     ]  # fmt: skip
     lines = [
         [
-            e["row"], e["layers"], "yes" if e["int8"] else "no", f"{e['accuracy']:.4f}",
+            e["row"], e["layers"], "yes" if e["int8"] else "no", e["epochs"], f"{e['accuracy']:.4f}",
             f"{e['recovery']:.3f}", f"{e['parameters'] / 1e6:.2f}", f"{e['sparsity']:.1%}",
             f"{e['onnx_mb']:.1f}", fmt(e.get("deepsparse_b1_s128_ms")), fmt(e.get("onnxruntime_b1_s128_ms")),
             fmt(e.get("deepsparse_b1_s64_ms")), fmt(e.get("onnxruntime_b1_s64_ms")),
@@ -382,12 +407,12 @@ def report(mode, cfg, args, table, timings, verification, seconds, stages) -> No
         + f"). MiniLM-L6 fine-tuned on Rotten Tomatoes ({slice_text}, seq {cfg['seq']}, batch "
         f"{cfg['batch_size']}), test accuracy on "
         + (f"the first {cfg['max_test']} test snippets" if cfg["max_test"] else "the 1,913 test snippets")
-        + f" from the exported ONNX file. Stages (staged recipes in `recipes/`, docs/recipes.md): teacher "
-        f"{cfg['teacher_epochs']} epochs; layer drop {cfg['drop_epochs']}; oBERT pruning "
-        f"{cfg['prune_epochs']} + recovery {cfg['recovery_epochs']}; QAT {cfg['qat_epochs']} epochs; every "
-        f"student distils from the teacher; num_grads {cfg['num_grads']}. Latency: batch 1, "
+        + " from the exported ONNX file. Stages (staged recipes in `recipes/`, docs/recipes.md): the "
+        "dense teacher, then every row from it, epochs per stage in the `epochs` column; every student "
+        f"distils from the teacher; num_grads {cfg['num_grads']}. Latency: batch 1, "
         f"{args.cores} cores, "
-        f"median of {cfg['seconds']} s after {cfg['warmup']} s warm-up; 1-minute load "
+        f"median of {cfg['seconds']} s after {cfg['warmup']} s warm-up, the median of "
+        f"{cfg['rounds']} interleaved round(s); 1-minute load "
         f"{min(loads) if loads else float('nan'):.2f}-{max(loads) if loads else float('nan'):.2f}. "
         f"Hardware: 2-core x86 CPU (AVX-512 VNNI), no GPU. Total wall time {seconds / 60:.0f} min."
     )

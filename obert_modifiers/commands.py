@@ -179,6 +179,7 @@ def register(app: typer.Typer) -> None:
             payload = {
                 "path": str(summary.path),
                 "max_epochs": summary.max_epochs,
+                "warnings": summary.warnings,
                 "variables": summary.variables,
                 "modifiers": [vars(m) for m in summary.modifiers],
             }
@@ -278,6 +279,8 @@ def _print_recipe(summary) -> None:
             "variables: " + ", ".join(f"{k}={_format_value(v)}" for k, v in summary.variables.items())
         )
     console.print(f"recipe OK: SparseML loads it; training epochs: {_format_value(summary.max_epochs)}")
+    for warning in summary.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
 
 
 def _print_data(out: Path, info: dict) -> None:

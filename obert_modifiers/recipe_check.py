@@ -45,6 +45,7 @@ class RecipeSummary:
     modifiers: list[ModifierSummary]
     max_epochs: float | None
     variables: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
 
 
 def _fail(path: Path, message: str, line: int | None = None) -> RecipeCheckError:
@@ -317,4 +318,35 @@ def check_recipe(path: str | Path, recipe_args: str | dict | None = None) -> Rec
     recipe_vars = {k: v for k, v in raw.items() if "modifiers" not in k and not isinstance(v, dict)}
     recipe_vars.update(variables)
     del manager
-    return RecipeSummary(path=path, modifiers=summaries, max_epochs=max_epochs, variables=recipe_vars)
+    return RecipeSummary(
+        path=path,
+        modifiers=summaries,
+        max_epochs=max_epochs,
+        variables=recipe_vars,
+        warnings=_schedule_warnings(summaries, max_epochs),
+    )
+
+
+def _schedule_warnings(modifiers: list[ModifierSummary], max_epochs: Any) -> list[str]:
+    """SparseML's trainer trains ``max_epochs`` = the LAST modifier epoch rounded UP: a schedule that
+    ends at 4.5 trains 5 epochs, the last half outside every window (at the final LR, with no
+    pruning/QAT/distillation schedule left to apply). Legal, but rarely what was meant."""
+    epochs = [
+        float(e)
+        for m in modifiers
+        for e in (m.start_epoch, m.end_epoch)
+        if isinstance(e, int | float) and e > -1
+    ]
+    if not epochs or not isinstance(max_epochs, int | float):
+        return []
+    last = max(epochs)
+    if last >= max_epochs:
+        return []
+    owner = next(
+        (f"modifier {m.index} (!{m.tag})" for m in modifiers if last in (m.start_epoch, m.end_epoch)), ""
+    )
+    return [
+        f"the schedule ends at epoch {last:g} ({owner}) but SparseML's trainer rounds the training up "
+        f"to {max_epochs:g} epochs: the last {max_epochs - last:g} epoch(s) train outside every "
+        "modifier window. Make the last epoch whole (or lengthen a stage) unless that is intended."
+    ]

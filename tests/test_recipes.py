@@ -115,6 +115,18 @@ def test_recipe_args_move_the_stage_windows(check):
     assert _by_tag(summary, "OBertPruningModifier")["start_epoch"] == 1.0
     assert _by_tag(summary, "OBertQuantizationModifier")["start_epoch"] == 4.0
     assert summary["max_epochs"] == 5
+    assert summary["warnings"] == []
+
+
+def test_recipe_check_warns_when_sparseml_rounds_the_schedule_up(check):
+    """SparseML trains ceil(last epoch): a 4.5-epoch schedule trains 5, half an epoch outside every
+    window. The check says so, naming the epoch, the rounding and the modifier that ends last."""
+    summary = check(PRUNE_QAT, {"prune_epochs": 1.5, "recovery_epochs": 1.0, "qat_epochs": 2.0})
+    assert summary["max_epochs"] == 5
+    (warning,) = summary["warnings"]
+    assert "ends at epoch 4.5" in warning and "5 epochs" in warning and "!Epoch" in warning
+    whole = {"prune_epochs": 1.5, "recovery_epochs": 1.5, "qat_epochs": 1.0}
+    assert check(PRUNE_QAT, whole)["warnings"] == []
 
 
 def test_the_prune_stage_is_the_same_in_every_recipe():

@@ -1,0 +1,59 @@
+"""The statistics and bookkeeping that the benchmark scripts' published figures rest on."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import _pipeline as pipeline  # noqa: E402
+from benchmarks._results import paired_comparison  # noqa: E402
+from benchmarks.reproduce import ROWS, SETTINGS, epochs_text, pareto, stages_for  # noqa: E402
+
+
+def test_paired_comparison_is_mcnemars_exact_test():
+    # 8 snippets only B gets right, 2 only A: two-sided binomial p = 2 * P(X <= 2 | 10, 1/2)
+    a = [True] * 50 + [False] * 8 + [True] * 2 + [False] * 40
+    b = [True] * 50 + [True] * 8 + [False] * 2 + [False] * 40
+    result = paired_comparison(a, b)
+    assert (result["a_only"], result["b_only"], result["n"]) == (2, 8, 100)
+    assert result["p_value"] == pytest.approx(2 * (1 + 10 + 45) / 1024)
+    assert paired_comparison(a, a)["p_value"] == 1.0
+    with pytest.raises(ValueError, match="same examples"):
+        paired_comparison(a, b[:-1])
+
+
+def test_interleaved_rounds_report_the_median_round():
+    def run(ms: float, status: str = "ok") -> dict:
+        return {"median_ms": ms, "p90_ms": ms * 1.1, "status": status, "model": "m"}
+
+    entry = pipeline._median_of_rounds([run(5.0), run(3.0), run(9.0)])
+    assert entry["median_ms"] == 5.0 and entry["p90_ms"] == pytest.approx(5.5)
+    assert entry["round_medians_ms"] == [5.0, 3.0, 9.0] and entry["rounds"] == 3
+    entry = pipeline._median_of_rounds([run(4.0), run(2.0, "failed"), run(6.0)])
+    assert entry["median_ms"] == 5.0 and entry["round_medians_ms"] == [4.0, 6.0]
+    assert pipeline._median_of_rounds([run(1.0, "failed")])["status"] == "failed"
+
+
+def test_a_row_schedule_changes_only_that_rows_stage():
+    cfg = dict(SETTINGS["full"])
+    base = {s.name: s for s in stages_for(ROWS, {**cfg, "row_schedule": {}})}
+    longer = {"6L-80-block4-INT8": {"qat_epochs": 3.0}}
+    own = {s.name: s for s in stages_for(ROWS, {**cfg, "row_schedule": longer})}
+    assert own["6L-80-block4-INT8"].recipe_args["qat_epochs"] == 3.0
+    assert own["6L-80-block4-INT8"].recipe_args != base["6L-80-block4-INT8"].recipe_args
+    for name in base:
+        if name != "6L-80-block4-INT8":
+            assert own[name].recipe_args == base[name].recipe_args
+    three = next(r for r in ROWS if r.layers == 3)
+    assert epochs_text(cfg, three).startswith(f"drop {cfg['drop_epochs']:g} + prune")
+    assert "QAT" not in epochs_text(cfg, next(r for r in ROWS if r.name == "6L-80-unstructured"))
+
+
+def test_pareto_front_drops_dominated_rows():
+    assert pareto([(1.0, 0.82), (5.0, 0.80), (4.0, 0.79), (6.6, 0.80)]) == [True, False, False, True]
