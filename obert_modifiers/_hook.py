@@ -34,6 +34,7 @@ _installed = False
 
 MODIFIERS_MODULE = "sparseml.pytorch.sparsification"
 DEEPSPARSE_PIPELINE_MODULE = "deepsparse.transformers.pipelines.pipeline"
+DEEPSPARSE_ONNX_MODULE = "deepsparse.utils.onnx"  # imported by `import deepsparse` itself
 
 
 def _run_callbacks(name: str, module: object) -> None:
@@ -131,3 +132,4 @@ def install() -> None:
     after_import(MODIFIERS_MODULE, _register_with_sparseml)
     # DeepSparse pipelines are used without SparseML too (deployment, models pulled by stub)
     after_import(DEEPSPARSE_PIPELINE_MODULE, _schedule_compat)
+    after_import(DEEPSPARSE_ONNX_MODULE, _schedule_compat)

@@ -43,6 +43,7 @@ __all__ = [
     "offline_metrics",
     "rng_state_resume",
     "deepsparse_pipeline_inplace",
+    "deepsparse_shape_override_inplace",
 ]
 
 DISABLE_ENV = "OBERT_COMPAT_DISABLE"
@@ -482,6 +483,34 @@ def deepsparse_pipeline_inplace(module: ModuleType) -> None:
     module.overwrite_transformer_onnx_model_inputs = overwrite_transformer_onnx_model_inputs
 
 
+def deepsparse_shape_override_inplace(module: ModuleType) -> None:
+    """DeepSparse's shape overrides: compile from a temporary copy, never rewrite the user's file.
+
+    Without it: ``deepsparse.utils.onnx.override_onnx_input_shapes`` and
+    ``override_onnx_batch_size`` default to ``inplace=True`` and save the graph with the static
+    shapes back over the ONNX file they were given. They run whenever shapes are fixed: stock
+    ``deepsparse.benchmark model.onnx --input_shapes ...`` (and ``-e onnxruntime`` at any batch
+    size), ``deepsparse.debug_analysis -shapes ...``, ``deepsparse.Engine(model, input_shapes=...)``.
+    A deployment folder checked by ``deepsparse.debug_analysis ... -shapes "[1,64],[1,64],[1,64]"``
+    then holds a ``[1, 64]`` model: ONNX Runtime rejects every other shape (``Got invalid dimensions
+    for input``), and the file no longer matches ``export.json`` or the hub's sha256.
+
+    Patch: the two functions' ``inplace`` default becomes False (their own temporary-file path), on
+    the function objects themselves, so every module that imported them by name gets it too.
+    """
+    for name in ("override_onnx_input_shapes", "override_onnx_batch_size"):
+        function = getattr(module, name)
+        original = getattr(function, "__wrapped__", function)  # under @contextlib.contextmanager
+        if _patched(original, "deepsparse_shape_override_inplace"):
+            continue
+        defaults = original.__defaults__ or ()
+        names = original.__code__.co_varnames[: original.__code__.co_argcount]
+        if names[-1] != "inplace" or not defaults or defaults[-1] is not True:
+            raise RuntimeError(f"deepsparse.utils.onnx.{name}: unexpected signature {names} {defaults}")
+        original.__defaults__ = (*defaults[:-1], False)
+        _mark(original, original, "deepsparse_shape_override_inplace")
+
+
 # --------------------------------------------------------------------------------------------
 # registry and scheduling
 # --------------------------------------------------------------------------------------------
@@ -530,6 +559,11 @@ FIXES: dict[str, Fix] = {
             "deepsparse_pipeline_inplace",
             deepsparse_pipeline_inplace,
             ("deepsparse.transformers.pipelines.pipeline",),
+        ),
+        Fix(
+            "deepsparse_shape_override_inplace",
+            deepsparse_shape_override_inplace,
+            ("deepsparse.utils.onnx",),
         ),
     )
 }

@@ -364,6 +364,49 @@ def test_deepsparse_pipeline_inplace(tmp_path):
     assert not result["unchanged"] and result["dims"] == [1, 16], result
 
 
+_DEEPSPARSE_SHAPES_PROBE = """
+import hashlib, json, sys
+from pathlib import Path
+import numpy as np
+import onnx
+from deepsparse import Engine
+onnx_path = Path(sys.argv[1]) / "model.onnx"
+before = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+engine = Engine(model=str(onnx_path), batch_size=1, input_shapes=[[1, 16]] * 3)
+outputs = engine.run([np.ones((1, 16), dtype="int64")] * 3)
+after = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+graph_input = onnx.load(str(onnx_path)).graph.input[0]
+dims = [d.dim_value or d.dim_param for d in graph_input.type.tensor_type.shape.dim]
+print(json.dumps({"unchanged": before == after, "dims": dims, "shape": list(outputs[0].shape)}))
+"""
+
+
+@pytest.mark.integration
+def test_deepsparse_shape_override_inplace(tmp_path):
+    """``deepsparse.Engine(..., input_shapes=...)`` (the path of ``deepsparse.benchmark --input_shapes``
+    and ``deepsparse.debug_analysis -shapes``) compiles the static shapes from a temporary copy and
+    leaves the deployment's model.onnx dynamic; without the fix it rewrites it as ``[1, 16]``."""
+    pytest.importorskip("deepsparse")
+    from obert_modifiers.zoo.testing import make_tiny_bert_folders
+
+    deployment, _ = make_tiny_bert_folders(tmp_path / "model", sequence_length=32)
+    second = tmp_path / "second"
+    shutil.copytree(deployment, second)
+    fixed = run_python(_DEEPSPARSE_SHAPES_PROBE, deployment)
+    check(fixed, "DeepSparse engine with input shapes, with the fix")
+    result = json.loads(fixed.stdout.strip().splitlines()[-1])
+    assert result["unchanged"] and result["dims"] == ["batch", "sequence"], result
+    assert result["shape"][0] == 1, result
+    broken = run_python(
+        _DEEPSPARSE_SHAPES_PROBE,
+        second,
+        env=offline_env(OBERT_COMPAT_DISABLE="deepsparse_shape_override_inplace"),
+    )
+    check(broken, "DeepSparse engine with input shapes, without the fix")
+    result = json.loads(broken.stdout.strip().splitlines()[-1])
+    assert not result["unchanged"] and result["dims"] == [1, 16], result
+
+
 def test_every_fix_has_a_test_and_docs():
     tested = {name[len("test_") :] for name in globals() if name.startswith("test_")}
     assert set(compat.FIXES) <= tested, set(compat.FIXES) - tested
