@@ -236,13 +236,16 @@ def train_seconds(model_dir: Path) -> float | None:
 def export(model_dir: Path, target: Path, reuse: bool = False):
     """Deployment folder for ``model_dir`` (parity-checked by export_deployment)."""
     from obert_modifiers.export import ExportResult, export_deployment
+    from obert_modifiers.zoo.client import sha256_file
 
     manifest_path = target / "export.json"
     if reuse and manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         weights = [f for f in model_dir.iterdir() if f.suffix in (".bin", ".safetensors")]
         newer = all(manifest_path.stat().st_mtime > f.stat().st_mtime for f in weights)
-        if manifest.get("source_model") == str(model_dir) and weights and newer:
+        recorded = manifest.get("onnx_sha256")
+        intact = recorded is None or recorded == sha256_file(target / "model.onnx")
+        if manifest.get("source_model") == str(model_dir) and weights and newer and intact:
             return ExportResult(
                 path=target,
                 max_abs_diff=manifest["parity"]["max_abs_diff"],

@@ -3,6 +3,7 @@ tampered files caught, nothing half-written, clear errors, and the ``sparseml.ex
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -57,6 +58,7 @@ def test_fp32_deployment_folder_contents_and_parity(artifacts):
     assert len(manifest["sparsity"]["per_layer"]) == 6 * 4 + 1  # encoder linears + pooler
     assert manifest["source_model"] == str(Path(artifacts["source"]).resolve())
     assert "created" in manifest
+    assert manifest["onnx_sha256"] == hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest()
     assert "QuantizeLinear" not in _ops(folder / "model.onnx")
     # dynamic batch and sequence axes: any shape runs
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])

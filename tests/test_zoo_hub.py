@@ -579,6 +579,23 @@ def test_roundtrip_publishes_and_pulls_back(hub, deployment, tmp_path):
     delete(other, hub.url, hub.token)
 
 
+def test_push_refuses_a_model_changed_since_export(hub, tmp_path):
+    """export.json records the sha256 of the model.onnx the parity check ran on; a file rewritten
+    since (as DeepSparse's shape overrides used to do) is refused before anything is uploaded."""
+    folder = make_deployment(tmp_path / "changed", seed=7)
+    stub = STUB.replace("pruned50-none", "changed-none")
+    onnx_path = folder / "model.onnx"
+    onnx_path.write_bytes(onnx_path.read_bytes() + b"\0")
+    with pytest.raises(HubClientError, match=r"model\.onnx: changed since it was exported"):
+        push(folder, stub, hub.url, hub.token, progress=False)
+    with pytest.raises(HubClientError, match="unknown stub"):
+        resolve(stub, hub.url)
+    # the unchanged file publishes
+    make_deployment(folder, seed=7)
+    assert push(folder, stub, hub.url, hub.token, progress=False)["stub"] == stub
+    delete(stub, hub.url, hub.token)
+
+
 def test_obert_zoo_serve_command(tmp_path, deployment):
     db_url = f"sqlite:///{tmp_path / 'hub.db'}"
     cli = [sys.executable, "-m", "obert_modifiers.cli", "zoo"]

@@ -593,6 +593,7 @@ def export_deployment(
     import torch
 
     from obert_modifiers.algorithms.quantization import bake_int32_biases, is_quantized
+    from obert_modifiers.zoo.client import sha256_file  # the digest the hub records
 
     started = time.perf_counter()
     model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir).resolve()
@@ -690,6 +691,9 @@ def export_deployment(
                 "prediction_agreement": report.prediction_agreement,
             },
             "onnx_bytes": onnx_bytes,
+            # what the parity check covered: tools that rewrite model.onnx in place are caught
+            # by comparing against this (obert zoo push refuses a changed file)
+            "onnx_sha256": sha256_file(onnx_path),
             "source_model": str(model_dir),
             "recipe": "recipe.yaml" if recipe else None,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),

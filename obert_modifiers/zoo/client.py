@@ -136,6 +136,24 @@ def _top_files(folder: Path, prefix: str) -> dict[str, Path]:
     }
 
 
+def _check_unchanged_since_export(onnx_path: Path, manifest_path: Path | None) -> None:
+    """``obert export`` records the sha256 of the model.onnx its parity check ran on; a file changed
+    since (rewritten in place by a tool, edited, truncated) is not what was checked: refuse it."""
+    if manifest_path is None:
+        return
+    try:
+        expected = json.loads(manifest_path.read_text()).get("onnx_sha256")
+    except (OSError, ValueError) as error:
+        raise HubClientError(f"{manifest_path}: unreadable export manifest ({error})") from None
+    if expected and sha256_file(onnx_path) != expected:
+        raise HubClientError(
+            f"{onnx_path}: changed since it was exported (its sha256 differs from the one "
+            f"{manifest_path.name} recorded), so the export's parity check does not cover it; export "
+            "the model again with `obert export` (DeepSparse/ONNX tools that fix input shapes can "
+            "rewrite the file in place: docs/compat.md)"
+        )
+
+
 def assemble(
     folder: str | os.PathLike,
     stub: str,
@@ -174,6 +192,7 @@ def assemble(
         files.update(_top_files(training, "training/"))
     if "deployment/model.onnx" not in files:
         raise HubClientError(f"{deployment}: no model.onnx")
+    _check_unchanged_since_export(files["deployment/model.onnx"], files.get("deployment/export.json"))
     for rel in files:
         try:
             check_relative_path(rel)

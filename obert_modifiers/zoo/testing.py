@@ -9,6 +9,7 @@ with a DeepSparse pipeline, Hugging Face loading) in tests and ``integrations/sp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from datetime import UTC, datetime
@@ -110,6 +111,7 @@ def make_deployment(out: str | Path, pad_bytes: int = 0, seed: int = 0, with_rec
             "per_layer": {f"encoder.layer.{i}.output.dense.weight": 0.5 for i in range(4)},
         },
         "parity": {"max_abs_diff": 1e-6, "tolerance": 1e-4, "num_samples": 8},
+        "onnx_sha256": hashlib.sha256((out / "model.onnx").read_bytes()).hexdigest(),
         "source_model": "tiny-bert",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
