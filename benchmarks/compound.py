@@ -27,6 +27,7 @@ section of ``docs/results.md``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -94,7 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="training runs side by side (1 thread each)")
     parser.add_argument("--max-train", type=int, help="training snippets (0: all 9,755)")
     parser.add_argument("--skip-layer-drop", action="store_true")
+    parser.add_argument(
+        "--from-json", type=Path, help="re-render the docs section from a saved compound.json (no runs)"
+    )
     args = parser.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        report(saved["mode"], saved["settings"], saved["cores"], saved["models"], saved["timings"],
+               saved["train_seconds"])  # fmt: skip
+        return 0
 
     for key, value in pipeline.OFFLINE.items():
         os.environ.setdefault(key, value)
@@ -143,6 +152,35 @@ def main(argv: list[str] | None = None) -> int:
     timing_rows = pipeline.time_deployments(
         deployments, GRID[mode], args.cores, cfg["seconds"], cfg["warmup"], rounds=cfg["rounds"]
     )
+    report(mode, cfg, args.cores, summary, timing_rows, train_seconds)
+    return 0
+
+
+def paired_round_ratios(rows: list[dict], baseline: tuple, candidate: tuple) -> list[float]:
+    """Per-round ratios baseline / candidate: the two were timed in the same interleaved round,
+    minutes apart at most, so a slow spell of the machine that spans a round cancels out."""
+
+    def rounds(key: tuple) -> list[float] | None:
+        for row in rows:
+            found = (row["model"], row["engine"], row["batch_size"], row["sequence_length"], row["num_cores"])
+            if found == key:
+                return row.get("round_medians_ms") if row["status"] == "ok" else None
+        return None
+
+    a, b = rounds(baseline), rounds(candidate)
+    if not a or not b or len(a) != len(b):
+        return []
+    return [x / y for x, y in zip(a, b, strict=True)]
+
+
+def report(
+    mode: str, cfg: dict, cores: list[int], summary: list[dict], timing_rows: list[dict], train_seconds
+) -> None:
+    """Write compound.{json,png} and the docs section (also from a saved JSON: ``--from-json``)."""
+    from rich.console import Console
+
+    console = Console()
+    rows = [r for r in ROWS if r.name in {MODELS[m["model"]] for m in summary}]
 
     def median(model: str, engine: str, batch: int, length: int, cores: int) -> float | None:
         return pipeline.median_ms(timing_rows, model, engine, batch, length, cores)
@@ -152,18 +190,24 @@ def main(argv: list[str] | None = None) -> int:
 
     target: dict[str, Any] = {"target": 5.0}
     int8_vs_fp32: dict[str, Any] = {}
-    for cores in args.cores:
-        target[f"pruned80_int8_deepsparse_vs_dense_fp32_ort_b1_s128_{cores}cores"] = ratio_of(
-            median("dense-fp32", "onnxruntime", 1, 128, cores),
-            median("pruned80-int8", "deepsparse", 1, 128, cores),
+    for core_count in cores:
+        target[f"pruned80_int8_deepsparse_vs_dense_fp32_ort_b1_s128_{core_count}cores"] = ratio_of(
+            median("dense-fp32", "onnxruntime", 1, 128, core_count),
+            median("pruned80-int8", "deepsparse", 1, 128, core_count),
+        )
+        target[f"per_round_{core_count}cores"] = paired_round_ratios(
+            timing_rows,
+            ("dense-fp32", "onnxruntime", 1, 128, core_count),
+            ("pruned80-int8", "deepsparse", 1, 128, core_count),
         )
         for engine in ("deepsparse", "onnxruntime"):
-            int8_vs_fp32[f"{engine}_{cores}cores"] = ratio_of(
-                median("pruned80-fp32", engine, 1, 128, cores), median("pruned80-int8", engine, 1, 128, cores)
+            int8_vs_fp32[f"{engine}_{core_count}cores"] = ratio_of(
+                median("pruned80-fp32", engine, 1, 128, core_count),
+                median("pruned80-int8", engine, 1, 128, core_count),
             )
 
     payload: dict[str, Any] = {
-        "mode": mode, "cores": args.cores, "train_seconds": train_seconds, "settings": cfg, "stages": MODELS,
+        "mode": mode, "cores": cores, "train_seconds": train_seconds, "settings": cfg, "stages": MODELS,
         "models": summary, "timings": timing_rows, "speedup_target": target,
         "pruned_int8_vs_pruned_fp32_b1_s128": int8_vs_fp32,
     }  # fmt: skip
@@ -173,11 +217,11 @@ def main(argv: list[str] | None = None) -> int:
 
     headers = ["model", "layers", "sparsity", "INT8", "test acc", "ONNX MB"]
     grid_cols = []
-    for cores in args.cores:
+    for core_count in cores:
         for batch, length in GRID[mode]:
             for engine, short in (("onnxruntime", "ORT"), ("deepsparse", "DS")):
-                grid_cols.append((engine, batch, length, cores))
-                headers.append(f"{short} b{batch} s{length} {cores}c ms")
+                grid_cols.append((engine, batch, length, core_count))
+                headers.append(f"{short} b{batch} s{length} {core_count}c ms")
     table_rows = []
     for row in summary:
         cells = [
@@ -188,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['accuracy']:.3f}",
             f"{row['onnx_mb']:.1f}",
         ]
-        for engine, batch, length, cores in grid_cols:
-            value = median(row["model"], engine, batch, length, cores)
+        for engine, batch, length, core_count in grid_cols:
+            value = median(row["model"], engine, batch, length, core_count)
             cells.append("n/a" if value is None else f"{value:.2f}")
         table_rows.append(cells)
     loads = [r["load_average_1m"] for r in timing_rows if r.get("load_average_1m") is not None]
@@ -200,8 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/compound.py" + (" --quick" if mode == "quick" else "")
     key = "pruned80_int8_deepsparse_vs_dense_fp32_ort_b1_s128_{}cores"
     measured = (
-        ", ".join(
-            f"**{target[key.format(c)]:.2f}x** on {c} core(s)" for c in args.cores if target[key.format(c)]
+        "; ".join(
+            f"**{target[key.format(c)]:.2f}x** on {c} core(s) (medians of the rounds), per interleaved "
+            "round " + ", ".join(f"{x:.2f}x" for x in target[f"per_round_{c}cores"])
+            for c in cores
+            if target[key.format(c)]
         )
         or "not measured (an engine failed)"
     ) + "."
@@ -220,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         + "; ".join(f"{row.name}: {epochs_text(cfg, row)}" for row in rows if row.name != "dense")
         + "; distillation from the teacher throughout. Test accuracy on "
         + (f"the first {cfg['max_test']} test snippets" if cfg["max_test"] else "the 1,913 test snippets")
-        + f". Timings: {args.cores} core(s), median of {cfg['seconds']:g} s per run, the median of "
+        + f". Timings: {', '.join(map(str, cores))} core(s), median of {cfg['seconds']:g} s per run, "
+        "the median of "
         f"{cfg['rounds']} interleaved round(s); 1-minute load average {load_text} (DeepSparse spin-waits on "
         "its cores, so any other job on the machine inflates its figures; see docs/benchmark.md).",
         "Target: pruned + INT8 on DeepSparse >= 5x faster than dense FP32 on ONNX Runtime at batch 1, "

@@ -57,3 +57,41 @@ def test_a_row_schedule_changes_only_that_rows_stage():
 
 def test_pareto_front_drops_dominated_rows():
     assert pareto([(1.0, 0.82), (5.0, 0.80), (4.0, 0.79), (6.6, 0.80)]) == [True, False, False, True]
+
+
+def test_baseline_check_flags_disagreeing_dense_baselines():
+    """ORT computes every 6-layer FP32 row densely: when their latencies disagree the check reports
+    the spread and the speed-ups against the fastest; when they agree it stays silent."""
+    from benchmarks.reproduce import baseline_check
+
+    def row(name, layers, int8, ort, ds):
+        return {"row": name, "layers": layers, "int8": int8, "onnxruntime_b1_s128_ms": ort,
+                "deepsparse_b1_s128_ms": ds}  # fmt: skip
+
+    table = [
+        row("dense", 6, False, 24.0, 16.0),
+        row("6L-80-unstructured", 6, False, 16.0, 7.0),
+        row("6L-80-block4-INT8", 6, True, 13.0, 3.2),
+        row("3L-80-block4-INT8", 3, True, 6.8, 1.6),
+    ]
+    check = baseline_check(table)
+    assert check["ort_fp32_6layer_ms"] == {"dense": 24.0, "6L-80-unstructured": 16.0}
+    assert check["speedups_vs_fastest"]["6L-80-block4-INT8"] == pytest.approx(5.0)
+    assert check["speedups_vs_fastest"]["3L-80-block4-INT8"] == pytest.approx(10.0)
+    assert "6L-80-block4-INT8 5.00x" in check["text"] and "dense 24.00 ms" in check["text"]
+    table[0]["onnxruntime_b1_s128_ms"] = 17.0
+    assert baseline_check(table) is None
+
+
+def test_paired_round_ratios_pair_each_round():
+    from benchmarks.compound import paired_round_ratios
+
+    def entry(model, engine, rounds, status="ok"):
+        return {"model": model, "engine": engine, "batch_size": 1, "sequence_length": 128, "num_cores": 2,
+                "status": status, "round_medians_ms": rounds}  # fmt: skip
+
+    rows = [entry("dense", "onnxruntime", [24.0, 40.0, 16.0]), entry("int8", "deepsparse", [4.0, 3.2, 3.2])]
+    keys = ("dense", "onnxruntime", 1, 128, 2), ("int8", "deepsparse", 1, 128, 2)
+    assert paired_round_ratios(rows, *keys) == pytest.approx([6.0, 12.5, 5.0])
+    rows[1]["round_medians_ms"] = [4.0, 3.2]  # a failed round: rounds no longer line up
+    assert paired_round_ratios(rows, *keys) == []
