@@ -396,11 +396,19 @@ def _median_of_rounds(results: list[dict]) -> dict:
     return entry
 
 
-def median_ms(
+def timing_entry(
     rows: Sequence[dict], model: str, engine: str, batch: int, length: int, cores: int
-) -> float | None:
+) -> dict | None:
+    """The successful timing of one configuration in ``time_deployments``' rows, if any."""
     for row in rows:
         key = (row["model"], row["engine"], row["batch_size"], row["sequence_length"], row["num_cores"])
         if key == (model, engine, batch, length, cores) and row["status"] == "ok":
-            return row["median_ms"]
+            return row
     return None
+
+
+def median_ms(
+    rows: Sequence[dict], model: str, engine: str, batch: int, length: int, cores: int
+) -> float | None:
+    entry = timing_entry(rows, model, engine, batch, length, cores)
+    return entry["median_ms"] if entry else None

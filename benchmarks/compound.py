@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
         report(saved["mode"], saved["settings"], saved["cores"], saved["models"], saved["timings"],
-               saved["train_seconds"])  # fmt: skip
+               saved["train_seconds"], machine=saved.get("machine"))  # fmt: skip
         return 0
 
     for key, value in pipeline.OFFLINE.items():
@@ -159,24 +159,24 @@ def main(argv: list[str] | None = None) -> int:
 def paired_round_ratios(rows: list[dict], baseline: tuple, candidate: tuple) -> list[float]:
     """Per-round ratios baseline / candidate: the two were timed in the same interleaved round,
     minutes apart at most, so a slow spell of the machine that spans a round cancels out."""
-
-    def rounds(key: tuple) -> list[float] | None:
-        for row in rows:
-            found = (row["model"], row["engine"], row["batch_size"], row["sequence_length"], row["num_cores"])
-            if found == key:
-                return row.get("round_medians_ms") if row["status"] == "ok" else None
-        return None
-
-    a, b = rounds(baseline), rounds(candidate)
+    found = pipeline.timing_entry(rows, *baseline), pipeline.timing_entry(rows, *candidate)
+    a, b = (entry.get("round_medians_ms") if entry else None for entry in found)
     if not a or not b or len(a) != len(b):
         return []
     return [x / y for x, y in zip(a, b, strict=True)]
 
 
 def report(
-    mode: str, cfg: dict, cores: list[int], summary: list[dict], timing_rows: list[dict], train_seconds
+    mode: str,
+    cfg: dict,
+    cores: list[int],
+    summary: list[dict],
+    timing_rows: list[dict],
+    train_seconds,
+    machine: dict | None = None,
 ) -> None:
-    """Write compound.{json,png} and the docs section (also from a saved JSON: ``--from-json``)."""
+    """Write compound.{json,png} and the docs section (also from a saved JSON: ``--from-json``, which
+    keeps the machine facts recorded when the timings were taken)."""
     from rich.console import Console
 
     console = Console()
@@ -211,6 +211,8 @@ def report(
         "models": summary, "timings": timing_rows, "speedup_target": target,
         "pruned_int8_vs_pruned_fp32_b1_s128": int8_vs_fp32,
     }  # fmt: skip
+    if machine:
+        payload["machine"] = machine  # write_json's own machine facts give way to the measured run's
     json_path = write_json("compound", payload)
     png_path = RESULTS_DIR / "compound.png"
     plot(timing_rows, png_path)

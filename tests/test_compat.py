@@ -323,6 +323,26 @@ def test_rng_state_resume(enabled_probes, tiny_bert_dir, tmp_path):
     assert "Weights only load failed" in stderr and "_reconstruct" in stderr, stderr[-2000:]
 
 
+def _probe_with_and_without(probe: str, fix: str, tmp_path: Path) -> tuple[dict, dict]:
+    """Run ``probe`` on a fresh tiny deployment folder with every fix, and on a copy with ``fix``
+    disabled; return the JSON each printed last."""
+    pytest.importorskip("deepsparse")
+    from obert_modifiers.zoo.testing import make_tiny_bert_folders
+
+    deployment, _ = make_tiny_bert_folders(tmp_path / "model", sequence_length=32)
+    second = tmp_path / "second"
+    shutil.copytree(deployment, second)
+    reports = []
+    for folder, env, label in (
+        (deployment, None, "with"),
+        (second, offline_env(OBERT_COMPAT_DISABLE=fix), "without"),
+    ):
+        result = run_python(probe, folder, env=env)
+        check(result, f"{fix} probe {label} the fix")
+        reports.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    return reports[0], reports[1]
+
+
 _DEEPSPARSE_PROBE = """
 import hashlib, json, sys
 from pathlib import Path
@@ -345,23 +365,10 @@ def test_deepsparse_pipeline_inplace(tmp_path):
     """A DeepSparse pipeline leaves the deployment folder's model.onnx untouched (dynamic axes kept);
     without the fix it rewrites it with static [1, sequence_length] inputs. The fix reaches a process
     that imports DeepSparse only."""
-    pytest.importorskip("deepsparse")
-    from obert_modifiers.zoo.testing import make_tiny_bert_folders
-
-    deployment, _ = make_tiny_bert_folders(tmp_path / "model", sequence_length=32)
-    second = tmp_path / "second"
-    shutil.copytree(deployment, second)
-    fixed = run_python(_DEEPSPARSE_PROBE, deployment)
-    check(fixed, "DeepSparse pipeline with the fix")
-    result = json.loads(fixed.stdout.strip().splitlines()[-1])
+    result, broken = _probe_with_and_without(_DEEPSPARSE_PROBE, "deepsparse_pipeline_inplace", tmp_path)
     assert result["unchanged"] and result["dims"] == ["batch", "sequence"], result
     assert result["sparseml"] is False and len(result["labels"]) == 1
-    broken = run_python(
-        _DEEPSPARSE_PROBE, second, env=offline_env(OBERT_COMPAT_DISABLE="deepsparse_pipeline_inplace")
-    )
-    check(broken, "DeepSparse pipeline without the fix")
-    result = json.loads(broken.stdout.strip().splitlines()[-1])
-    assert not result["unchanged"] and result["dims"] == [1, 16], result
+    assert not broken["unchanged"] and broken["dims"] == [1, 16], broken
 
 
 _DEEPSPARSE_SHAPES_PROBE = """
@@ -386,25 +393,12 @@ def test_deepsparse_shape_override_inplace(tmp_path):
     """``deepsparse.Engine(..., input_shapes=...)`` (the path of ``deepsparse.benchmark --input_shapes``
     and ``deepsparse.debug_analysis -shapes``) compiles the static shapes from a temporary copy and
     leaves the deployment's model.onnx dynamic; without the fix it rewrites it as ``[1, 16]``."""
-    pytest.importorskip("deepsparse")
-    from obert_modifiers.zoo.testing import make_tiny_bert_folders
-
-    deployment, _ = make_tiny_bert_folders(tmp_path / "model", sequence_length=32)
-    second = tmp_path / "second"
-    shutil.copytree(deployment, second)
-    fixed = run_python(_DEEPSPARSE_SHAPES_PROBE, deployment)
-    check(fixed, "DeepSparse engine with input shapes, with the fix")
-    result = json.loads(fixed.stdout.strip().splitlines()[-1])
+    result, broken = _probe_with_and_without(
+        _DEEPSPARSE_SHAPES_PROBE, "deepsparse_shape_override_inplace", tmp_path
+    )
     assert result["unchanged"] and result["dims"] == ["batch", "sequence"], result
     assert result["shape"][0] == 1, result
-    broken = run_python(
-        _DEEPSPARSE_SHAPES_PROBE,
-        second,
-        env=offline_env(OBERT_COMPAT_DISABLE="deepsparse_shape_override_inplace"),
-    )
-    check(broken, "DeepSparse engine with input shapes, without the fix")
-    result = json.loads(broken.stdout.strip().splitlines()[-1])
-    assert not result["unchanged"] and result["dims"] == [1, 16], result
+    assert not broken["unchanged"] and broken["dims"] == [1, 16], broken
 
 
 def test_every_fix_has_a_test_and_docs():

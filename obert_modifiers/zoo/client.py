@@ -136,7 +136,7 @@ def _top_files(folder: Path, prefix: str) -> dict[str, Path]:
     }
 
 
-def _check_unchanged_since_export(onnx_path: Path, manifest_path: Path | None) -> None:
+def _check_unchanged_since_export(onnx_sha256: str, manifest_path: Path | None, onnx_path: Path) -> None:
     """``obert export`` records the sha256 of the model.onnx its parity check ran on; a file changed
     since (rewritten in place by a tool, edited, truncated) is not what was checked: refuse it."""
     if manifest_path is None:
@@ -145,7 +145,7 @@ def _check_unchanged_since_export(onnx_path: Path, manifest_path: Path | None) -
         expected = json.loads(manifest_path.read_text()).get("onnx_sha256")
     except (OSError, ValueError) as error:
         raise HubClientError(f"{manifest_path}: unreadable export manifest ({error})") from None
-    if expected and sha256_file(onnx_path) != expected:
+    if expected and onnx_sha256 != expected:
         raise HubClientError(
             f"{onnx_path}: changed since it was exported (its sha256 differs from the one "
             f"{manifest_path.name} recorded), so the export's parity check does not cover it; export "
@@ -192,7 +192,6 @@ def assemble(
         files.update(_top_files(training, "training/"))
     if "deployment/model.onnx" not in files:
         raise HubClientError(f"{deployment}: no model.onnx")
-    _check_unchanged_since_export(files["deployment/model.onnx"], files.get("deployment/export.json"))
     for rel in files:
         try:
             check_relative_path(rel)
@@ -295,6 +294,8 @@ def push(
             sha = sha256_file(path)
             entries.append({"path": rel, "size": path.stat().st_size, "sha256": sha})
             blobs.setdefault(sha, path)
+            if rel == "deployment/model.onnx":  # hashed once: the upload's digest is the one checked
+                _check_unchanged_since_export(sha, files.get("deployment/export.json"), path)
         manifest = {"stub": stub, "files": entries}
         with _http(base) as client:
             check = client.post(f"{API_PREFIX}/publish/check", json=manifest, headers=headers)
