@@ -323,15 +323,18 @@ def read_split(csv_path: Path, max_rows: int | None = None) -> tuple[list[str], 
     return [r["sentence"] for r in rows], [r["label"] for r in rows]
 
 
-def test_accuracy(deployment: Path, test_csv: Path, max_rows: int | None = None) -> float:
-    """Accuracy of the exported model.onnx (ONNX Runtime) on the test split."""
-    texts, labels = read_split(test_csv, max_rows)
+def test_correct(deployment: Path, rows: Sequence[tuple[str, str]]) -> list[bool]:
+    """Per snippet of ``rows`` ((sentence, label name)): is the exported model right (ONNX Runtime)?"""
     config = json.loads((deployment / "config.json").read_text())
     id2label = {int(k): v for k, v in config["id2label"].items()}
-    predicted = predictions(deployment, texts).argmax(-1)
-    return sum(int(id2label[int(p)] == label) for p, label in zip(predicted, labels, strict=True)) / len(
-        labels
-    )
+    predicted = predictions(deployment, [s for s, _ in rows]).argmax(-1)
+    return [id2label[int(p)] == label for p, (_, label) in zip(predicted, rows, strict=True)]
+
+
+def test_accuracy(deployment: Path, test_csv: Path, max_rows: int | None = None) -> float:
+    """Accuracy of the exported model.onnx (ONNX Runtime) on the test split."""
+    correct = test_correct(deployment, list(zip(*read_split(test_csv, max_rows), strict=True)))
+    return sum(correct) / len(correct)
 
 
 def num_parameters(deployment: Path) -> int:
@@ -405,6 +408,16 @@ def timing_entry(
         if key == (model, engine, batch, length, cores) and row["status"] == "ok":
             return row
     return None
+
+
+def paired_round_ratios(rows: list[dict], baseline: tuple, candidate: tuple) -> list[float]:
+    """Per-round ratios baseline / candidate: the two were timed in the same interleaved round,
+    minutes apart at most, so a slow spell of the machine that spans a round cancels out."""
+    found = timing_entry(rows, *baseline), timing_entry(rows, *candidate)
+    a, b = (entry.get("round_medians_ms") if entry else None for entry in found)
+    if not a or not b or len(a) != len(b):
+        return []
+    return [x / y for x, y in zip(a, b, strict=True)]
 
 
 def median_ms(

@@ -156,16 +156,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def paired_round_ratios(rows: list[dict], baseline: tuple, candidate: tuple) -> list[float]:
-    """Per-round ratios baseline / candidate: the two were timed in the same interleaved round,
-    minutes apart at most, so a slow spell of the machine that spans a round cancels out."""
-    found = pipeline.timing_entry(rows, *baseline), pipeline.timing_entry(rows, *candidate)
-    a, b = (entry.get("round_medians_ms") if entry else None for entry in found)
-    if not a or not b or len(a) != len(b):
-        return []
-    return [x / y for x, y in zip(a, b, strict=True)]
-
-
 def report(
     mode: str,
     cfg: dict,
@@ -195,7 +185,7 @@ def report(
             median("dense-fp32", "onnxruntime", 1, 128, core_count),
             median("pruned80-int8", "deepsparse", 1, 128, core_count),
         )
-        target[f"per_round_{core_count}cores"] = paired_round_ratios(
+        target[f"per_round_{core_count}cores"] = pipeline.paired_round_ratios(
             timing_rows,
             ("dense-fp32", "onnxruntime", 1, 128, core_count),
             ("pruned80-int8", "deepsparse", 1, 128, core_count),

@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._pipeline import OFFLINE, predictions  # noqa: E402
+from benchmarks._pipeline import OFFLINE, test_correct  # noqa: E402
 from benchmarks._results import markdown_table, paired_comparison, update_results_section, write_json  # noqa: E402
 
 NAME = "layer_drop"
@@ -121,14 +121,6 @@ def clean_copy(source: Path, target: Path) -> Path:
         if (source / name).exists():
             shutil.copy2(source / name, target / name)
     return target
-
-
-def test_correct(deployment: Path, rows: list) -> list[bool]:
-    """Per snippet of ``rows`` ((sentence, label name)): is the exported model right (ONNX Runtime)?"""
-    config = json.loads((deployment / "config.json").read_text())
-    id2label = {int(k): v for k, v in config["id2label"].items()}
-    predicted = predictions(deployment, [s for s, _ in rows]).argmax(-1)
-    return [id2label[int(p)] == label for p, (_, label) in zip(predicted, rows, strict=True)]
 
 
 def measure(name: str, model_dir: Path, work: Path, test_rows: list, args, extra: dict) -> dict:

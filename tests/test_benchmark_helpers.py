@@ -84,7 +84,7 @@ def test_baseline_check_flags_disagreeing_dense_baselines():
 
 
 def test_paired_round_ratios_pair_each_round():
-    from benchmarks.compound import paired_round_ratios
+    from benchmarks._pipeline import paired_round_ratios
 
     def entry(model, engine, rounds, status="ok"):
         return {"model": model, "engine": engine, "batch_size": 1, "sequence_length": 128, "num_cores": 2,
@@ -95,3 +95,31 @@ def test_paired_round_ratios_pair_each_round():
     assert paired_round_ratios(rows, *keys) == pytest.approx([6.0, 12.5, 5.0])
     rows[1]["round_medians_ms"] = [4.0, 3.2]  # a failed round: rounds no longer line up
     assert paired_round_ratios(rows, *keys) == []
+
+
+def test_recovery_schedule_splits_reuse_the_tables_stage_and_check_their_epochs():
+    """The study's split equal to the table's is the table's own stage (same name and cache key);
+    the others differ only in their epochs; malformed or fractional-total splits are refused."""
+    from benchmarks.recovery_schedules import ROW, parse_schedules, split_stages
+
+    cfg = dict(SETTINGS["full"])
+    table = {s.name: s for s in stages_for(ROWS, cfg)}[ROW.name]
+    mine = {**cfg, **cfg["row_schedule"][ROW.name]}
+    qat = mine["qat_epochs"]
+    splits = parse_schedules(f"{mine['prune_epochs']:g}:{mine['recovery_epochs']:g},3:2", qat)
+    stages = split_stages(cfg, splits)
+    assert [s.name for s in stages] == ["dense", ROW.name, f"{ROW.name}@prune3-recover2"]
+    training = {"seq": 64}
+    keys = {"dense": stages[0].key({}, training)}
+    assert stages[1].key(keys, training) == table.key(keys, training)
+    other = stages[2].recipe_args
+    assert (other["prune_epochs"], other["recovery_epochs"]) == (3.0, 2.0)
+    assert {k: v for k, v in other.items() if "epochs" not in k or k == "qat_epochs"} == {
+        k: v for k, v in table.recipe_args.items() if "epochs" not in k or k == "qat_epochs"
+    }
+    with pytest.raises(ValueError, match="PRUNE:RECOVERY"):
+        parse_schedules("1.5-2.5", qat)
+    with pytest.raises(ValueError, match="whole"):
+        parse_schedules("1.5:2", qat)
+    with pytest.raises(ValueError, match="prune epochs must be > 0"):
+        parse_schedules("0:3", qat)
