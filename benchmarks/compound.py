@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import _pipeline as pipeline  # noqa: E402
 from benchmarks._results import RESULTS_DIR, markdown_table, update_results_section, write_json  # noqa: E402
-from benchmarks.reproduce import ROWS, SETTINGS, epochs_text, stages_for, training_flags  # noqa: E402
+from benchmarks.reproduce import ROWS, SETTINGS, epochs_text, stages_for, training_flags, workspace  # noqa: E402
 
 # compound name -> reproduce row (the stage that trains it)
 MODELS = {
@@ -109,8 +109,6 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     from rich.console import Console
 
-    from obert_modifiers.data import prepare
-
     console = Console()
     mode = "quick" if args.quick else "full"
     cfg = dict(SETTINGS[mode])
@@ -119,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in MODELS if not (args.skip_layer_drop and n.startswith("3layer"))]
     rows = [r for r in ROWS if r.name in {MODELS[n] for n in names}]
     twins = {"pruned80-fp32"}  # models exported from a QAT stage's float weights
-    work = args.work / f"{mode}-{cfg['max_train'] or 'all'}"
-    data = work / "data"
-    if not (data / "test.csv").is_file():
-        prepare("rt", data, max_train=cfg["max_train"], max_eval=cfg["max_eval"], seed=cfg["seed"])
+    work, data = workspace(args.work, mode, cfg)
 
     started = time.perf_counter()
     trained = pipeline.run_stages(

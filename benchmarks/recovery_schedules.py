@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import _pipeline as pipeline  # noqa: E402
 from benchmarks._results import markdown_table, paired_comparison, update_results_section, write_json  # noqa: E402
-from benchmarks.reproduce import ROWS, SETTINGS, TARGET_ROWS, schedule, stages_for, training_flags  # noqa: E402
+from benchmarks.reproduce import ROWS, SETTINGS, TARGET_ROWS, schedule, stages_for, training_flags, workspace  # noqa: E402
 
 ROW = next(r for r in ROWS if r.name == "6L-80-block4-INT8")
 DEFAULT = "1.5:0.5,1.5:1.5,1.5:2.5,1.5:3.5,3:2"
@@ -96,12 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
 
-    from obert_modifiers.data import prepare
-
-    work = args.work / f"full-{cfg['max_train'] or 'all'}"
-    data = work / "data"
-    if not (data / "test.csv").is_file():
-        prepare("rt", data, max_train=cfg["max_train"], max_eval=cfg["max_eval"], seed=cfg["seed"])
+    work, data = workspace(args.work, "full", cfg)
     started = time.perf_counter()
     stages = split_stages(cfg, splits)
     models = pipeline.run_stages(stages, work / "stages", data, training_flags(cfg), jobs=args.jobs)

@@ -133,6 +133,17 @@ def stages_for(rows: list[Row], cfg: dict[str, Any]) -> list[pipeline.Stage]:
     return stages
 
 
+def workspace(root: Path, mode: str, cfg: dict[str, Any]) -> tuple[Path, Path]:
+    """The stage-cache folder for ``mode``'s data slice and its data folder (prepared on first use)."""
+    from obert_modifiers.data import prepare
+
+    work = root / f"{mode}-{cfg['max_train'] or 'all'}"
+    data = work / "data"
+    if not (data / "test.csv").is_file():
+        prepare("rt", data, max_train=cfg["max_train"], max_eval=cfg["max_eval"], seed=cfg["seed"])
+    return work, data
+
+
 def training_flags(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: cfg[k] for k in ("seq", "batch_size", "seed", "max_train", "max_eval")}
 
@@ -266,12 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--rows: unknown row(s) {unknown}; choose from {[r.name for r in ROWS]}")
         rows = [r for r in ROWS if r.name in wanted or r.name == "dense"]
 
-    from obert_modifiers.data import prepare
-
-    work = args.work / f"{mode}-{cfg['max_train'] or 'all'}"
-    data = work / "data"
-    if not (data / "test.csv").is_file():
-        prepare("rt", data, max_train=cfg["max_train"], max_eval=cfg["max_eval"], seed=cfg["seed"])
+    work, data = workspace(args.work, mode, cfg)
     started = time.perf_counter()
     stages = stages_for(rows, cfg)
     models = pipeline.run_stages(stages, work / "stages", data, training_flags(cfg), jobs=args.jobs)
