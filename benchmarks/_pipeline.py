@@ -233,6 +233,12 @@ def train_seconds(model_dir: Path) -> float | None:
     return json.loads(marker.read_text()).get("train_seconds") if marker.is_file() else None
 
 
+def eval_results(model_dir: Path) -> dict[str, Any]:
+    """The trainer's final evaluation of ``model_dir`` on the validation split ({} if it has none)."""
+    path = model_dir / "eval_results.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def export(model_dir: Path, target: Path, reuse: bool = False):
     """Deployment folder for ``model_dir`` (parity-checked by export_deployment)."""
     from obert_modifiers.export import ExportResult, export_deployment

@@ -18,7 +18,7 @@ split with ONNX Runtime on the exported model.onnx; latency at batch 1 / 32 and 
 on ``--cores`` cores (2 by default), warm-up first.
 
     python benchmarks/compound.py --quick     # smoke run: small slice, short stages
-    python benchmarks/compound.py             # the measurement (about an hour on 2 cores)
+    python benchmarks/compound.py             # the measurement (reproduce.py's stages; 3 h to train them)
 
 Writes ``docs/results/compound.json``, ``docs/results/compound.png`` and the ``compound``
 section of ``docs/results.md``.
@@ -40,7 +40,16 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import _pipeline as pipeline  # noqa: E402
 from benchmarks._results import RESULTS_DIR, markdown_table, update_results_section, write_json  # noqa: E402
-from benchmarks.reproduce import ROWS, SETTINGS, epochs_text, stages_for, training_flags, workspace  # noqa: E402
+from benchmarks.reproduce import (  # noqa: E402
+    ROWS,
+    SETTINGS,
+    command_text,
+    epochs_text,
+    slice_text,
+    stages_for,
+    training_flags,
+    workspace,
+)
 
 # compound name -> reproduce row (the stage that trains it)
 MODELS = {
@@ -93,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "pipeline", help="stage cache folder")
     parser.add_argument("--cores", type=int, nargs="+", default=[2], help="core counts to time (default: 2)")
     parser.add_argument("--jobs", type=int, default=2, help="training runs side by side (1 thread each)")
-    parser.add_argument("--max-train", type=int, help="training snippets (0: all 9,755)")
+    parser.add_argument("--max-train", type=int, help="training snippets (default: the mode's; 0: all 9,755)")
     parser.add_argument("--skip-layer-drop", action="store_true")
     parser.add_argument(
         "--from-json", type=Path, help="re-render the docs section from a saved compound.json (no runs)"
@@ -228,7 +237,7 @@ def report(
         "smoke run: small slice, short stages, accuracy not meaningful" if mode == "quick" else "measurement"
     )
     load_text = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "n/a"
-    command = "python benchmarks/compound.py" + (" --quick" if mode == "quick" else "")
+    command = command_text("compound.py", mode, cfg)
     key = "pruned80_int8_deepsparse_vs_dense_fp32_ort_b1_s128_{}cores"
     measured = (
         "; ".join(
@@ -240,16 +249,13 @@ def report(
         or "not measured (an engine failed)"
     ) + "."
     speedups = ", ".join(f"{e.replace('_', ' ')} {v:.2f}x" for e, v in int8_vs_fp32.items() if v) or "n/a"
-    slice_text = (
-        f"{cfg['max_train']:,} training snippets" if cfg["max_train"] else "all 9,755 training snippets"
-    )
     parity = (
         max(r["parity_max_abs_diff"] for r in summary if r["quantized"])
         if any(r["quantized"] for r in summary)
         else None
     )
     notes = [
-        f"Mode `{mode}` ({kind}): {slice_text}, seq {cfg['seq']}; stages (recipes/minilm_*.yaml, "
+        f"Mode `{mode}` ({kind}): {slice_text(cfg)}, seq {cfg['seq']}; stages (recipes/minilm_*.yaml, "
         f"docs/recipes.md), in epochs: teacher {cfg['teacher_epochs']:g}; "
         + "; ".join(f"{row.name}: {epochs_text(cfg, row)}" for row in rows if row.name != "dense")
         + "; distillation from the teacher throughout. Test accuracy on "

@@ -13,7 +13,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import _pipeline as pipeline  # noqa: E402
 from benchmarks._results import paired_comparison  # noqa: E402
-from benchmarks.reproduce import ROWS, SETTINGS, epochs_text, pareto, stages_for  # noqa: E402
+from benchmarks.reproduce import ROWS, SETTINGS, command_text, epochs_text, pareto, slice_text, stages_for  # noqa: E402
 
 
 def test_paired_comparison_is_mcnemars_exact_test():
@@ -123,3 +123,16 @@ def test_recovery_schedule_splits_reuse_the_tables_stage_and_check_their_epochs(
         parse_schedules("1.5:2", qat)
     with pytest.raises(ValueError, match="prune epochs must be > 0"):
         parse_schedules("0:3", qat)
+
+
+def test_reports_name_the_training_data_and_the_flag_that_reruns_it():
+    """A table measured on a slice other than its mode's default says so in its rerun command."""
+    full, quick = dict(SETTINGS["full"]), dict(SETTINGS["quick"])
+    assert command_text("reproduce.py", "full", full) == "python benchmarks/reproduce.py"
+    assert command_text("reproduce.py", "quick", quick) == "python benchmarks/reproduce.py --quick"
+    other = 4000 if full["max_train"] is None else None
+    assert command_text("compound.py", "full", {**full, "max_train": other}) == (
+        f"python benchmarks/compound.py --max-train {other or 0}"
+    )
+    assert slice_text({"max_train": 4000}) == "4,000 training snippets"
+    assert slice_text({"max_train": None}) == "all 9,755 training snippets"
