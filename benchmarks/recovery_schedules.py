@@ -1,13 +1,13 @@
 """How the 6-layer 80 % block4 + INT8 row's accuracy depends on its epoch split (issue #7's 98 % target).
 
 Trains the row of ``benchmarks/reproduce.py`` (same staged recipe, teacher and training flags; by
-default on a 4,000-snippet slice of the training data, as five full schedules of the row on all of
-it would take a day on 2 cores) with several (prune, recovery) epoch splits, each a stage of the
-shared stage cache (``6L-80-block4-INT8@prune1.5-recover3.5``; the split ``row_schedule`` gives is
-the same stage as the table's row on the same data), then exports each (parity-checked), reads its
-validation accuracy (the trainer's eval split), scores the test split, and compares every split
-with that one on the same test snippets (McNemar's exact test). The table's split is chosen on
-validation accuracy, never on test.
+default on a 4,000-snippet slice of the training data: five schedules of the row on all of it would
+take about 3 more hours on 2 cores) with several (prune, recovery) epoch splits, each a stage of
+the shared stage cache (``6L-80-block4-INT8@prune1.5-recover3.5``; the split ``row_schedule``
+gives is the same stage as the table's row on the same data), then exports each (parity-checked),
+reads its validation accuracy (the trainer's eval split), scores the test split, and compares
+every split with that one on the same test snippets (McNemar's exact test). The table's split is
+chosen on validation accuracy, never on test.
 
     python benchmarks/recovery_schedules.py                            # the splits in DEFAULT
     python benchmarks/recovery_schedules.py --schedules 1.5:2.5,3:2    # PRUNE:RECOVERY epochs
