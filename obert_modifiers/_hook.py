@@ -1,27 +1,16 @@
-"""Lazy start-up hook: run our code right after given SparseML modules finish importing.
+"""An after-import mechanism: run callbacks right after given modules finish importing.
 
-The package installs ``obert_modifiers_hook.pth`` into site-packages; Python executes its one line
-at every interpreter start, which calls :func:`install`. That adds a tiny ``sys.meta_path`` finder
-and nothing else: no torch, no SparseML, no YAML is imported until a process imports SparseML
-itself. When one of the watched modules finishes executing, its callbacks run:
-
-* ``sparseml.pytorch.sparsification`` (SparseML's PyTorch modifiers, the recipe-tag registry):
-  apply the compat fixes and register our four modifier classes, so the stock console scripts,
-  the exporter and anything re-reading a saved ``recipe.yaml`` resolve our tags.
-* further modules registered by :mod:`obert_modifiers.compat` for fixes that patch them.
-
-SparseZoo and DeepSparse analytics are switched off here by default (``NM_DISABLE_ANALYTICS``),
-so a training run makes no network calls; set ``OBERT_ALLOW_ANALYTICS=1`` to leave it to them.
+Pure mechanism, no project imports: :func:`install_finder` adds a tiny ``sys.meta_path`` finder that
+finds nothing itself but wraps the loader of each watched module, and :func:`after_import` watches a
+module. What is watched at start-up, and why, is decided by :mod:`obert_modifiers.registration`.
 """
 
 from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
-import os
 import sys
 import threading
-import warnings
 from collections.abc import Callable
 
 # module name -> callbacks to run once that module has executed (each at most once per process)
@@ -29,12 +18,11 @@ _AFTER_IMPORT: dict[str, list[Callable[[object], None]]] = {}
 # watched modules whose import was already under way when the watch was added (nobody wrapped their
 # loader): their callbacks run at the next import of anything once they have finished
 _LATE: set = set()
+# watched modules whose code has finished executing (their import may still be finishing up):
+# a callback added for one of them, e.g. by another callback, runs at once
+_EXECUTED: set = set()
 _LOCK = threading.RLock()
 _installed = False
-
-MODIFIERS_MODULE = "sparseml.pytorch.sparsification"
-DEEPSPARSE_PIPELINE_MODULE = "deepsparse.transformers.pipelines.pipeline"
-DEEPSPARSE_ONNX_MODULE = "deepsparse.utils.onnx"  # imported by `import deepsparse` itself
 
 
 def _run_callbacks(name: str, module: object) -> None:
@@ -54,6 +42,8 @@ class _AfterImportLoader(importlib.abc.Loader):
 
     def exec_module(self, module):
         self._wrapped.exec_module(module)
+        with _LOCK:
+            _EXECUTED.add(self._name)
         _run_callbacks(self._name, module)
 
     def __getattr__(self, item):  # get_source, is_package, ... of the real loader
@@ -81,8 +71,9 @@ class _AfterImportFinder(importlib.abc.MetaPathFinder):
 
 def after_import(module_name: str, callback: Callable[[object], None]) -> None:
     """Run ``callback(module)`` once ``module_name`` is imported (now, if it already is)."""
+    install_finder()
     module = sys.modules.get(module_name)
-    if module is not None and not _initializing(module):
+    if module is not None and (not _initializing(module) or module_name in _EXECUTED):
         callback(module)
         return
     with _LOCK:
@@ -104,32 +95,11 @@ def _initializing(module: object) -> bool:
     return bool(getattr(spec, "_initializing", False))
 
 
-def _register_with_sparseml(_module: object) -> None:
-    from obert_modifiers import registration
-
-    registration.register_all()
-
-
-def _schedule_compat(_module: object) -> None:
-    from obert_modifiers import compat
-
-    compat.apply_all()  # schedules lazily: patches only what is (or gets) imported
-
-
-def install() -> None:
-    """Install the finder and the SparseML watch (idempotent, cheap)."""
+def install_finder() -> None:
+    """Put the after-import finder first on ``sys.meta_path`` (idempotent, cheap)."""
     global _installed
     with _LOCK:
         if _installed:
             return
         _installed = True
-        if os.environ.get("OBERT_ALLOW_ANALYTICS", "0") != "1":
-            os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
-        # SparseML 1.8 imports pkg_resources (setuptools < 81 is pinned for it); its deprecation
-        # notice on every SparseML start says nothing a user can act on
-        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
         sys.meta_path.insert(0, _AfterImportFinder())
-    after_import(MODIFIERS_MODULE, _register_with_sparseml)
-    # DeepSparse pipelines are used without SparseML too (deployment, models pulled by stub)
-    after_import(DEEPSPARSE_PIPELINE_MODULE, _schedule_compat)
-    after_import(DEEPSPARSE_ONNX_MODULE, _schedule_compat)

@@ -3,9 +3,10 @@ datasets 2.18). This is the only place where the project patches SparseML or its
 
 Each fix is one function ``fix(module)`` that patches ``module`` in place; its docstring says what
 breaks without it. :func:`apply_all` (called by :mod:`obert_modifiers.registration` when SparseML's
-PyTorch modifiers are imported) schedules every fix lazily with :func:`obert_modifiers._hook.after_import`:
-a fix runs the moment the module it patches finishes importing (at once if it already has), so
-importing SparseML's modifiers does not pull in transformers, datasets or the exporters.
+PyTorch modifiers are imported, or one of :func:`trigger_modules`) schedules every fix lazily with
+:func:`obert_modifiers._hook.after_import`: a fix runs the moment the module it patches finishes
+importing (at once if it already has), so importing SparseML's modifiers does not pull in
+transformers, datasets or the exporters.
 
 Disable fixes with ``OBERT_COMPAT_DISABLE=name1,name2`` (``all`` disables every one); the tests use
 this to prove that each fix is needed. ``docs/compat.md`` describes each fix for users.
@@ -14,12 +15,10 @@ this to prove that each fix is needed. ``docs/compat.md`` describes each fix for
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,6 +31,7 @@ __all__ = [
     "BUNDLED_METRICS",
     "METRICS_DIR",
     "apply_all",
+    "trigger_modules",
     "disabled_fixes",
     "applied_fixes",
     "qconfig_slots",
@@ -47,11 +47,17 @@ __all__ = [
 ]
 
 DISABLE_ENV = "OBERT_COMPAT_DISABLE"
-METRICS_DIR = Path(__file__).resolve().parent / "resources" / "metrics"
+METRICS_DIR = Path(__file__).resolve().parent / "_metric_scripts"
 # metric names the stock SparseML scripts pass to datasets.load_metric, served from METRICS_DIR
 BUNDLED_METRICS = ("accuracy", "seqeval", "squad", "squad_v2", "glue")
 
-_LOGGER = logging.getLogger(__name__)
+
+
+def _logger():  # logging is imported on first use: this module is imported at every interpreter start
+    import logging
+
+    return logging.getLogger(__name__)
+
 # attribute on a patched function: the fixes applied to it, so each applies once
 _PATCHED = "_obert_compat_fixes"
 # (fix name, module name) pairs applied in this process
@@ -320,8 +326,8 @@ def _reload_from_safetensors(
     )
     for label, keys in (("Missing", missing), ("Unexpected", unexpected), ("Mismatched", mismatched)):
         if keys:
-            _LOGGER.warning(f"{label} keys when reloading model state for the SparseML recipe: {keys}")
-    _LOGGER.info(
+            _logger().warning(f"{label} keys when reloading model state for the SparseML recipe: {keys}")
+    _logger().info(
         f"Reloaded {len(current_state_dict) - len(missing)} model params for SparseML Recipe "
         f"from {load_path} (safetensors)"
     )
@@ -363,7 +369,7 @@ def safetensors_qat_detect(module: ModuleType) -> None:
                 keys.extend(handle.keys())
         if not any(k.endswith(".zero_point") or k.endswith(".observer_enabled") for k in keys):
             return None, False
-        _LOGGER.warning(
+        _logger().warning(
             "QAT state detected, ignore any loading errors, weights will reload "
             f"after SparseML recipes have been applied {model_name_or_path}"
         )
@@ -390,7 +396,7 @@ def offline_metrics(module: ModuleType) -> None:
     (online it makes a network call from a user's training run).
 
     Patch: ``datasets.load.metric_module_factory`` (``module``) resolves the bare names in
-    :data:`BUNDLED_METRICS` to our own scripts in ``obert_modifiers/resources/metrics/``. A local
+    :data:`BUNDLED_METRICS` to our own scripts in ``obert_modifiers/_metric_scripts/``. A local
     ``NAME/NAME.py`` or path the user gives still wins, as in datasets.
     """
     original = module.metric_module_factory
@@ -516,13 +522,28 @@ def deepsparse_shape_override_inplace(module: ModuleType) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class Fix:
-    """A named fix and the modules it patches (it runs once per module, when that module is imported)."""
+    """A named fix and the modules it patches (it runs once per module, when that module is imported).
 
-    name: str
-    function: Callable[[ModuleType], None]
-    modules: tuple[str, ...]
+    ``standalone``: a fix of a library used without SparseML (DeepSparse pipelines on a pulled model);
+    importing one of its ``modules`` schedules every fix, not only importing SparseML's modifiers.
+    (A plain class, not a dataclass: this module is imported at every interpreter start, and
+    dataclasses pulls in inspect.)
+    """
+
+    __slots__ = ("name", "function", "modules", "standalone")
+
+    def __init__(
+        self,
+        name: str,
+        function: Callable[[ModuleType], None],
+        modules: tuple[str, ...],
+        standalone: bool = False,
+    ) -> None:
+        self.name, self.function, self.modules, self.standalone = name, function, modules, standalone
+
+    def __repr__(self) -> str:
+        return f"Fix({self.name!r}, modules={self.modules!r}, standalone={self.standalone})"
 
     @property
     def summary(self) -> str:
@@ -559,14 +580,22 @@ FIXES: dict[str, Fix] = {
             "deepsparse_pipeline_inplace",
             deepsparse_pipeline_inplace,
             ("deepsparse.transformers.pipelines.pipeline",),
+            standalone=True,
         ),
         Fix(
             "deepsparse_shape_override_inplace",
             deepsparse_shape_override_inplace,
-            ("deepsparse.utils.onnx",),
+            ("deepsparse.utils.onnx",),  # imported by `import deepsparse` itself
+            standalone=True,
         ),
     )
 }
+
+
+def trigger_modules() -> tuple[str, ...]:
+    """Modules whose import schedules the fixes even in a process that never imports SparseML's
+    modifiers (derived from the table: the modules of every ``standalone`` fix)."""
+    return tuple(dict.fromkeys(m for fix in FIXES.values() if fix.standalone for m in fix.modules))
 
 
 def disabled_fixes() -> set[str]:
@@ -595,7 +624,7 @@ def _runner(fix: Fix, module_name: str) -> Callable[[object], None]:
             return
         fix.function(module)  # type: ignore[arg-type]
         _applied.add((fix.name, module_name))
-        _LOGGER.debug(f"obert_modifiers.compat: applied {fix.name} to {module_name}")
+        _logger().debug(f"obert_modifiers.compat: applied {fix.name} to {module_name}")
 
     return run
 
@@ -611,7 +640,7 @@ def apply_all() -> None:
     _scheduled = True
     skipped = disabled_fixes()
     if skipped:
-        _LOGGER.warning(
+        _logger().warning(
             f"obert_modifiers.compat: fixes disabled by {DISABLE_ENV}: {', '.join(sorted(skipped))}"
         )
     for fix in FIXES.values():

@@ -97,7 +97,8 @@ class DeploymentManifest(BaseModel):
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise DeploymentError(
-                f"{path.parent}: not a finished deployment folder (no {MANIFEST}); export it with `obert export`"
+                f"{path.parent}: not a finished deployment folder (no {MANIFEST}); "
+                "export it with `obert export`"
             ) from None
         except (OSError, ValueError) as error:
             raise DeploymentError(f"{path}: cannot read the deployment manifest: {error}") from None

@@ -1,5 +1,19 @@
-"""Register our recipe modifiers, third-party plugin modifiers and the compat fixes with SparseML
-(called by the start-up hook when SparseML's PyTorch modifiers are imported).
+"""What happens at interpreter start-up, and what registers our recipe tags with SparseML.
+
+The package installs ``obert_modifiers_hook.pth`` into site-packages; Python executes its one line
+at every interpreter start, which calls :func:`install`. That watches a few modules with
+:func:`obert_modifiers._hook.after_import` and nothing else: no torch, no SparseML, no YAML is
+imported until a process imports SparseML itself. Then:
+
+* ``sparseml.pytorch.sparsification`` (SparseML's PyTorch modifiers, the recipe-tag registry):
+  :func:`register_all` applies the compat fixes and registers our four modifier classes and any
+  plugin modifiers, so the stock console scripts, the exporter and anything re-reading a saved
+  ``recipe.yaml`` resolve our tags.
+* every module of :func:`obert_modifiers.compat.trigger_modules` (libraries used without SparseML,
+  e.g. DeepSparse pipelines on a pulled model): the compat fixes are scheduled.
+
+SparseZoo and DeepSparse analytics are switched off here by default (``NM_DISABLE_ANALYTICS``),
+so a training run makes no network calls; set ``OBERT_ALLOW_ANALYTICS=1`` to leave it to them.
 
 Importing a module that defines a class decorated with ``@PyTorchModifierYAML()`` is what
 registers its ``!Tag`` with SparseML's (PyYAML's global) recipe loader; this imports ours, then
@@ -14,9 +28,10 @@ every module that an installed distribution advertises under the entry-point gro
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
-import logging
+import os
 import warnings
+
+from obert_modifiers import _hook
 
 MODIFIER_MODULES = (
     "obert_modifiers.modifiers.obert_pruning",
@@ -25,9 +40,10 @@ MODIFIER_MODULES = (
     "obert_modifiers.modifiers.distillation",
 )
 ENTRY_POINT_GROUP = "obert_modifiers.modifiers"
+MODIFIERS_MODULE = "sparseml.pytorch.sparsification"
 
-_LOGGER = logging.getLogger(__name__)
 _done = False
+_installed = False
 
 
 class PluginLoadWarning(RuntimeWarning):
@@ -36,6 +52,8 @@ class PluginLoadWarning(RuntimeWarning):
 
 def plugin_entry_points() -> list[importlib.metadata.EntryPoint]:
     """Entry points of installed distributions in the ``obert_modifiers.modifiers`` group, by name."""
+    import importlib.metadata  # not at module level: this module is imported at every interpreter start
+
     return sorted(
         importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: (ep.name, ep.value)
     )
@@ -47,6 +65,8 @@ def load_plugins() -> list[str]:
     A plugin that fails to import is reported (warning naming the distribution, the entry point and
     the error) and skipped, so one broken plugin does not stop runs that do not use it.
     """
+    import logging
+
     loaded = []
     for entry_point in plugin_entry_points():
         dist = getattr(entry_point, "dist", None)
@@ -62,7 +82,7 @@ def load_plugins() -> list[str]:
                 stacklevel=2,
             )
             continue
-        _LOGGER.debug(f"obert_modifiers: loaded modifier plugin {entry_point.value} from {origin}")
+        logging.getLogger(__name__).debug(f"loaded modifier plugin {entry_point.value} from {origin}")
         loaded.append(entry_point.value)
     return loaded
 
@@ -79,3 +99,31 @@ def register_all() -> None:
     for name in MODIFIER_MODULES:
         importlib.import_module(name)
     load_plugins()
+
+
+def _register(_module: object) -> None:
+    register_all()
+
+
+def _schedule_compat(_module: object) -> None:
+    from obert_modifiers import compat
+
+    compat.apply_all()  # schedules lazily: patches only what is (or gets) imported
+
+
+def install() -> None:
+    """The start-up hook (the ``.pth`` line, and ``import obert_modifiers``): idempotent and cheap."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    if os.environ.get("OBERT_ALLOW_ANALYTICS", "0") != "1":
+        os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+    # SparseML 1.8 imports pkg_resources (setuptools < 81 is pinned for it); its deprecation
+    # notice on every SparseML start says nothing a user can act on
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+    from obert_modifiers import compat
+
+    _hook.after_import(MODIFIERS_MODULE, _register)
+    for module_name in compat.trigger_modules():
+        _hook.after_import(module_name, _schedule_compat)
