@@ -211,8 +211,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file beside it: readers see the old file or
     the new one, never half of one."""
     path = Path(path)
+    # mkstemp makes the file private (0600); the result gets the old file's mode, or rw-r--r--
+    mode = path.stat().st_mode & 0o777 if path.is_file() else 0o644
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(tmp, path)
@@ -243,9 +246,12 @@ def staged_dir(out_dir: str | os.PathLike, *, overwrite: bool = False, mode: int
             staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         except OSError as error:
             where = next((p for p in (out_dir.parent, *out_dir.parent.parents) if p.exists()), out_dir.parent)
+            if where.exists() and not where.is_dir():
+                reason = f"{where} is a file, not a folder"
+            else:
+                reason = f"{error.strerror or error} (in {where})"
             raise DeploymentError(
-                f"cannot write {out_dir}: {error.strerror or error} (in {where}); "
-                "choose a folder you can write to"
+                f"cannot write {out_dir}: {reason}; choose a folder you can write to"
             ) from None
         try:
             yield staging

@@ -3,12 +3,15 @@ beside its target and renamed into place; ``export.json`` through the deployment
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from obert_modifiers.deployment import DeploymentManifest, sha256_file, staged_dir
 from obert_modifiers.export.errors import OPSET, ExportError, ExportResult, ParityError
@@ -56,10 +59,20 @@ def _num_layers(model) -> int:
 
 
 
-def _progress(enabled: bool, total: int):
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Any]:
+    """A progress bar that stays on screen when the export finishes and is wiped when it fails, so
+    the error is the one line left."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not enabled, desc="export", unit="step", leave=True)
+    bar = tqdm(total=total, disable=not enabled, desc="export", unit="step", leave=True)
+    try:
+        yield bar
+    except BaseException:
+        bar.leave = False
+        raise
+    finally:
+        bar.close()
 
 
 def _copy_support_files(model_dir: Path, staging: Path, tokenizer) -> list[str]:
@@ -120,8 +133,8 @@ def export_deployment(
     if out_dir == model_dir or out_dir in model_dir.parents:
         raise ExportError(f"output folder {out_dir} would overwrite the model folder")
 
-    bar = _progress(progress, 5)
-    try:
+    # the staging folder first: an output folder that cannot be written fails before the slow part
+    with staged_dir(out_dir, overwrite=overwrite) as staging, _progress(progress, 5) as bar:
         bar.set_description(f"export: loading {model_dir.name}")
         torch.manual_seed(0)
         model, tokenizer, recipe = load_model(model_dir, task)
@@ -131,54 +144,51 @@ def export_deployment(
             # QDQ graph (which keeps biases in float) compute the same, and is a no-op for the integer one
             bake_int32_biases(model)
         bar.update()
-        with staged_dir(out_dir, overwrite=overwrite) as staging:
-            report, int8_format = _export_checked(
-                model, tokenizer, staging / "model.onnx", sequence_length, quantized, opset, tolerance, bar
-            )
-            bar.update(2)
+        report, int8_format = _export_checked(
+            model, tokenizer, staging / "model.onnx", sequence_length, quantized, opset, tolerance, bar
+        )
+        bar.update(2)
 
-            bar.set_description("export: config, tokenizer, recipe")
-            _copy_support_files(model_dir, staging, tokenizer)
-            per_layer = _linear_weight_sparsity(model)
-            overall = _overall_sparsity(model, per_layer)
-            num_parameters = int(sum(p.numel() for p in model.parameters()))
-            num_layers = _num_layers(model)
-            onnx_bytes = (staging / "model.onnx").stat().st_size
-            # SparseML's exporter leaves its deployment-folder helper files; keep the folder minimal
-            for stray in ("model.data",):
-                (staging / stray).unlink(missing_ok=True)
-            manifest = DeploymentManifest.create(
-                task=task,
-                sequence_length=sequence_length,
-                opset=opset,
-                quantized=bool(quantized),
-                int8_format=int8_format,
-                num_layers=num_layers,
-                num_parameters=num_parameters,
-                sparsity={
-                    "overall": round(overall, 6),
-                    "per_layer": {k: round(v, 6) for k, v in per_layer.items()},
-                },
-                parity={
-                    "max_abs_diff": report.max_abs_diff,
-                    "tolerance": report.tolerance,
-                    "num_samples": report.num_samples,
-                    "prediction_agreement": report.prediction_agreement,
-                },
-                onnx_bytes=onnx_bytes,
-                # what the parity check covered: tools that rewrite model.onnx in place are caught
-                # by comparing against this (obert zoo push refuses a changed file)
-                onnx_sha256=sha256_file(staging / "model.onnx"),
-                source_model=str(model_dir),
-                recipe="recipe.yaml" if recipe else None,
-            )
-            # export.json last: its presence marks a finished folder
-            manifest.write(staging)
-            bar.update()
-            bar.set_description(f"export: {out_dir}")
+        bar.set_description("export: config, tokenizer, recipe")
+        _copy_support_files(model_dir, staging, tokenizer)
+        per_layer = _linear_weight_sparsity(model)
+        overall = _overall_sparsity(model, per_layer)
+        num_parameters = int(sum(p.numel() for p in model.parameters()))
+        num_layers = _num_layers(model)
+        onnx_bytes = (staging / "model.onnx").stat().st_size
+        # SparseML's exporter leaves its deployment-folder helper files; keep the folder minimal
+        for stray in ("model.data",):
+            (staging / stray).unlink(missing_ok=True)
+        manifest = DeploymentManifest.create(
+            task=task,
+            sequence_length=sequence_length,
+            opset=opset,
+            quantized=bool(quantized),
+            int8_format=int8_format,
+            num_layers=num_layers,
+            num_parameters=num_parameters,
+            sparsity={
+                "overall": round(overall, 6),
+                "per_layer": {k: round(v, 6) for k, v in per_layer.items()},
+            },
+            parity={
+                "max_abs_diff": report.max_abs_diff,
+                "tolerance": report.tolerance,
+                "num_samples": report.num_samples,
+                "prediction_agreement": report.prediction_agreement,
+            },
+            onnx_bytes=onnx_bytes,
+            # what the parity check covered: tools that rewrite model.onnx in place are caught
+            # by comparing against this (obert zoo push refuses a changed file)
+            onnx_sha256=sha256_file(staging / "model.onnx"),
+            source_model=str(model_dir),
+            recipe="recipe.yaml" if recipe else None,
+        )
+        # export.json last: its presence marks a finished folder
+        manifest.write(staging)
         bar.update()
-    finally:
-        bar.close()
+        bar.set_description(f"export: {out_dir}")
+        bar.update()
     return ExportResult(
         path=out_dir,
         max_abs_diff=report.max_abs_diff,
