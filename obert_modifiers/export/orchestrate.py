@@ -118,10 +118,6 @@ def export_deployment(
     removed, and an existing ``out_dir`` is left untouched (it is only replaced with
     ``overwrite=True``).
     """
-    import torch
-
-    from obert_modifiers.algorithms.quantization import bake_int32_biases, is_quantized
-
     started = time.perf_counter()
     model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir).resolve()
     task = normalize_task(task)
@@ -132,6 +128,10 @@ def export_deployment(
         raise ExportError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
     if out_dir == model_dir or out_dir in model_dir.parents:
         raise ExportError(f"output folder {out_dir} would overwrite the model folder")
+
+    import torch  # after the checks: a wrong argument is refused in a moment
+
+    from obert_modifiers.algorithms.quantization import bake_int32_biases, is_quantized
 
     # the staging folder first: an output folder that cannot be written fails before the slow part
     with staged_dir(out_dir, overwrite=overwrite) as staging, _progress(progress, 5) as bar:
