@@ -1,12 +1,21 @@
 """The ``obert`` command. Each command group lives beside the code it drives and adds itself to
 the root app through a ``register(app)`` function; heavy imports (torch, SparseML) happen inside the
-commands, so ``obert --help`` stays fast."""
+commands, so ``obert --help`` stays fast.
+
+Errors are handled in one place, :class:`ObertGroup`: an :class:`~obert_modifiers.errors.ObertError`
+raised by any command prints ``error: <message>`` as one line on stderr and exits 1, without a
+traceback (the message names what was wrong and where). Usage errors stay click's (exit 2).
+"""
 
 from __future__ import annotations
 
 import importlib
 
+import click
 import typer
+from typer.core import TyperGroup
+
+from obert_modifiers.errors import ObertError
 
 # modules that define `register(app: typer.Typer) -> None`
 COMMAND_MODULES = (
@@ -16,7 +25,25 @@ COMMAND_MODULES = (
     "obert_modifiers.zoo.cli",  # card, zoo serve/token/push/pull/search
 )
 
+
+def error_line(error: BaseException) -> str:
+    """``error: <message>`` on one line (messages quoting third-party text may span several)."""
+    return "error: " + (" ".join(str(error).split()) or error.__class__.__name__)
+
+
+class ObertGroup(TyperGroup):
+    """The root command group: turns an :class:`ObertError` from any subcommand into one line."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ObertError as error:
+            typer.secho(error_line(error), err=True, fg="red")
+            raise typer.Exit(1) from None
+
+
 app = typer.Typer(
+    cls=ObertGroup,
     name="obert",
     help=(
         "Compress BERT-family models with SparseML recipes: oBERT pruning, layer dropping, QAT and "

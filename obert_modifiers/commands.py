@@ -203,14 +203,10 @@ def register(app: typer.Typer) -> None:
         The texts are de-duplicated and split stratified with a fixed seed into CSVs (columns
         sentence,label with label names) that the stock SparseML text-classification command reads.
         The test split (15 %) does not depend on --max-train/--max-eval."""
-        from obert_modifiers.data import DataPrepareError, prepare
-        from obert_modifiers.resources import MissingResourceError
+        from obert_modifiers.data import prepare
 
-        try:
-            info = prepare(name.value, out, max_train=max_train, max_eval=max_eval, seed=seed)
-        except (DataPrepareError, MissingResourceError) as error:
-            typer.secho(f"data prepare failed: {error}", err=True, fg="red")
-            raise typer.Exit(2) from None
+        # DataPrepareError, MissingResourceError, DeploymentError: one line from the `obert` handler
+        info = prepare(name.value, out, max_train=max_train, max_eval=max_eval, seed=seed)
         _print_data(out, info)
 
     @app.command("demo")

@@ -26,13 +26,13 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from obert_modifiers import resources
+from obert_modifiers.deployment import staged_dir
+from obert_modifiers.errors import ObertError
 
 TEST_FRACTION = 0.15
 VALIDATION_FRACTION = 0.10  # of the train+validation pool
@@ -58,7 +58,7 @@ DATASETS = {
 }
 
 
-class DataPrepareError(ValueError):
+class DataPrepareError(ObertError, ValueError):
     """The data set name, slice sizes or output folder are not usable."""
 
 
@@ -241,33 +241,12 @@ def prepare(
         / len(splits["test"]),
     }
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    # an earlier output is replaced whole (_check_out_dir made sure it is one); on failure it stays
+    with staged_dir(out_dir, overwrite=True) as staging:
         for split in SPLITS:
             _write_csv(staging / f"{split}.csv", splits[split])
         (staging / "data.json").write_text(json.dumps(info, indent=2) + "\n")
-        os.chmod(staging, 0o755)
-        _replace_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return info
-
-
-def _replace_dir(staging: Path, out_dir: Path) -> None:
-    """Move the finished ``staging`` folder to ``out_dir``, replacing an earlier output."""
-    if out_dir.exists():
-        trash = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.rename(out_dir, trash)
-        try:
-            os.rename(staging, out_dir)
-        except BaseException:
-            os.rename(trash, out_dir)
-            raise
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(staging, out_dir)
 
 
 def read_csv(path: str | os.PathLike) -> list[tuple[str, str]]:

@@ -30,6 +30,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from obert_modifiers.errors import ObertError
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = ROOT / "recipes" / "demo.yaml"
 STOCK_SCRIPT = "sparseml.transformers.train.text_classification"
@@ -42,7 +44,7 @@ ENGINES = ("deepsparse", "onnxruntime")
 PROGRESS_PATTERN = re.compile(r"(\d+)/(\d+) \[")
 
 
-class DemoError(RuntimeError):
+class DemoError(ObertError, RuntimeError):
     """A demo step failed; the message names the step and where its log is."""
 
 

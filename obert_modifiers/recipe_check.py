@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from obert_modifiers.errors import ObertError
+
 RECIPE_SUFFIXES = (".yaml", ".md")
 TAG_PATTERN = re.compile(r"(?:^|[\s\-\[{,:])!(?P<tag>[A-Za-z_][A-Za-z0-9_.]*)")
 OBJECT_PREFIX = "OBJECT."
 
 
-class RecipeCheckError(ValueError):
+class RecipeCheckError(ObertError, ValueError):
     """A recipe that SparseML cannot load; the message names the place and the fix."""
 
 

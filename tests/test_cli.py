@@ -232,3 +232,225 @@ def test_obert_train_runs_the_stock_entry_point(tiny_bert_dir, bbc_data_dir, tmp
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0
     config = json.loads((out / "config.json").read_text())
     assert set(config["id2label"].values()) == {"business", "entertainment", "politics", "sports", "tech"}
+
+
+# ------------------------------------------------------------------------------------------------
+# errors: one line on stderr, exit 1, nothing half-written (the `obert` handler in cli.py)
+
+
+def _obert(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    from _helpers import offline_env, run
+
+    return run([OBERT, *args], env=offline_env(), cwd=cwd, timeout=600)
+
+
+def _assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    assert result.returncode == 1, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1, result.stderr
+    line = errors[-1]
+    assert line.startswith("error: "), line
+    for fragment in fragments:
+        assert fragment in line, line
+    return line
+
+
+def _model_copy(source: Path, target: Path, architectures: list[str] | None = None, drop=()) -> Path:
+    import shutil
+
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("deployment", *drop))
+    if architectures is not None:
+        config = json.loads((target / "config.json").read_text())
+        config["architectures"] = architectures
+        (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def _unwritable_dir(tmp_path: Path) -> Path:
+    """A folder nobody can create entries in: read-only for a normal user; /sys for root."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        (locked / "probe").mkdir()
+    except OSError:
+        return locked
+    (locked / "probe").rmdir()
+    try:
+        os.mkdir("/sys/obert-probe")
+    except OSError:
+        return Path("/sys")
+    pytest.skip("no folder here refuses writes (root without /sys)")
+
+
+EXPORT_ERRORS = {
+    # name: (how to build the model folder, extra arguments, fragments the one line must hold)
+    "missing-model": (None, [], ["does not exist"]),
+    "wrong-task": ("tiny", ["--task", "token-classification"], ["BertForSequenceClassification",
+                                                                "--task text-classification"]),
+    "token-model-as-text": ("token", [], ["BertForTokenClassification", "--task token-classification"]),
+    "base-model": ("base", [], ["BertModel", "no text-classification head"]),
+    "missing-tokenizer": ("no-tokenizer", [], ["has no tokenizer", "vocab.txt"]),
+    "too-long": ("tiny", ["--sequence-length", "1024"], ["--sequence-length", "at most 512 tokens"]),
+    "unknown-task": ("tiny", ["--task", "summarization"], ["unknown task 'summarization'"]),
+    "read-only-out": ("tiny", ["--out", "LOCKED"], ["cannot write", "choose a folder you can write to"]),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPORT_ERRORS))
+def test_obert_export_errors_are_one_line_and_leave_nothing(tiny_bert_dir, tmp_path, case):
+    kind, extra, fragments = EXPORT_ERRORS[case]
+    models = tmp_path / "models"
+    models.mkdir()
+    model = models / "model"
+    if kind == "tiny":
+        model = _model_copy(tiny_bert_dir, model)
+    elif kind == "token":
+        model = _model_copy(tiny_bert_dir, model, ["BertForTokenClassification"])
+    elif kind == "base":
+        model = _model_copy(tiny_bert_dir, model, ["BertModel"])
+    elif kind == "no-tokenizer":
+        model = _model_copy(tiny_bert_dir, model, drop=("vocab.txt", "tokenizer.json"))
+    locked = _unwritable_dir(tmp_path) if "LOCKED" in extra else None
+    extra = [str(locked / "deployment") if a == "LOCKED" else a for a in extra]
+    before = sorted(p.name for p in model.iterdir()) if model.exists() else None
+
+    _assert_one_error_line(_obert("export", model, *extra), *fragments)
+    assert not (model / "deployment").exists()
+    after = sorted(p.name for p in model.iterdir()) if model.exists() else None
+    assert after == before  # no staging folder, nothing else written
+    assert sorted(p.name for p in models.iterdir()) == (["model"] if before is not None else [])
+    if locked is not None:
+        assert not (locked / "deployment").exists()
+
+
+@pytest.mark.integration
+def test_obert_export_takes_the_models_position_limit_and_benchmark_refuses_past_it(tmp_path):
+    """A model with 64 position embeddings: `obert export` (default 128) exports at 64 and says so;
+    an explicit longer --sequence-length is refused in one line; so is a longer benchmark."""
+    from obert_modifiers.models import save_tiny_bert
+
+    model = save_tiny_bert(tmp_path / "short", num_layers=1, max_position_embeddings=64)
+    result = _obert("export", model)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "at most 64 tokens" in result.stdout and "--sequence-length 64" in result.stdout
+    manifest = json.loads((model / "deployment" / "export.json").read_text())
+    assert manifest["sequence_length"] == 64
+
+    refused = _obert("export", model, "--sequence-length", "128", "--out", tmp_path / "long")
+    _assert_one_error_line(refused, "--sequence-length", "128", "at most 64 tokens", "64 or less")
+    assert not (tmp_path / "long").exists()
+
+    bench = _obert("benchmark", model / "deployment", "--engine", "onnxruntime", "--sequence-length", "512")
+    _assert_one_error_line(bench, "--sequence-length", "at most 64 tokens")
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    json_out = _obert(
+        "benchmark", model / "deployment", "-e", "onnxruntime", "-s", "16", "-t", "0.1", "-w", "0.01",
+        "--json", blocker / "bench.json",
+    )  # fmt: skip
+    _assert_one_error_line(json_out, "cannot write --json", str(blocker / "bench.json"))
+    assert blocker.read_text() == "a file"
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["benchmark", "NOPE"], ["deployment folder", "does not exist"]),
+        (["benchmark", "EMPTY"], ["has no model.onnx", "obert export"]),
+        (["benchmark", "BADONNX", "-e", "onnxruntime"], ["not a readable ONNX model"]),
+        (["benchmark", "BADMANIFEST", "-e", "onnxruntime"], ["export.json", "sequence_length"]),
+        (["data", "prepare", "bbc", "--out", "FOREIGN"], ["not prepared data", "notes.txt"]),
+        (["data", "prepare", "bbc", "--max-train", "40", "--out", "LOCKED"], ["cannot write"]),
+    ],
+    ids=[
+        "bench-missing", "bench-empty", "bench-bad-onnx", "bench-bad-manifest", "data-foreign", "data-locked"
+    ],  # fmt: skip
+)
+def test_other_commands_give_one_error_line(tmp_path, args, fragments):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad_onnx = tmp_path / "bad-onnx"
+    bad_onnx.mkdir()
+    (bad_onnx / "model.onnx").write_bytes(b"not onnx at all")
+    bad_manifest = tmp_path / "bad-manifest"
+    bad_manifest.mkdir()
+    (bad_manifest / "model.onnx").write_bytes(b"")
+    (bad_manifest / "export.json").write_text(json.dumps({"task": "text-classification"}))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    places = {
+        "NOPE": tmp_path / "nope",
+        "EMPTY": empty,
+        "BADONNX": bad_onnx,
+        "BADMANIFEST": bad_manifest,
+        "FOREIGN": foreign,
+    }
+    if "LOCKED" in args:
+        places["LOCKED"] = _unwritable_dir(tmp_path) / "data"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    _assert_one_error_line(_obert(*[places.get(a, a) for a in args]), *fragments)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (foreign / "notes.txt").read_text() == "mine" and sorted(os.listdir(foreign)) == ["notes.txt"]
+    if "LOCKED" in places:
+        assert not places["LOCKED"].exists()
+
+
+def test_any_obert_error_in_any_command_is_one_line_and_exit_1(tmp_path):
+    """The one handler: a command that raises an ObertError (here one registered for the test, with
+    a message that spans lines) prints `error: <message>` on one stderr line and exits 1; an
+    error that is not ours still shows its traceback (a bug must not look like a user error)."""
+    from _helpers import offline_env, run_python
+
+    code = (
+        "import sys\n"
+        "from obert_modifiers import cli\n"
+        "from obert_modifiers.errors import ObertError\n"
+        "@cli.app.command('boom')\n"
+        "def boom(kind: str):\n"
+        "    if kind == 'ours':\n"
+        "        raise ObertError('runs/x/recipe.yaml: bad key\\n  did you mean damp?')\n"
+        "    raise KeyError('a bug')\n"
+        "sys.argv = ['obert', 'boom', sys.argv[1]]\n"
+        "cli.main()\n"
+    )
+    ours = run_python(code, "ours", env=offline_env())
+    assert ours.returncode == 1 and ours.stdout == ""
+    assert ours.stderr == "error: runs/x/recipe.yaml: bad key did you mean damp?\n"
+    bug = run_python(code, "bug", env=offline_env())
+    assert bug.returncode == 1 and "Traceback" in bug.stderr and "KeyError: 'a bug'" in bug.stderr
+    usage = _obert("export")  # click's usage errors stay as they are: exit 2
+    assert usage.returncode == 2 and "Missing argument" in usage.stderr
+
+
+def test_every_error_class_outside_the_hub_is_an_obert_error():
+    from obert_modifiers.algorithms.layer_drop import LayerDropError
+    from obert_modifiers.bench import BenchmarkError
+    from obert_modifiers.data import DataPrepareError
+    from obert_modifiers.demo import DemoError
+    from obert_modifiers.deployment import DeploymentError
+    from obert_modifiers.errors import ObertError
+    from obert_modifiers.export import ExportError, ParityError
+    from obert_modifiers.models import ModelConversionError
+    from obert_modifiers.modifiers._base import RecipeParameterError
+    from obert_modifiers.recipe_check import RecipeCheckError
+    from obert_modifiers.resources import MissingResourceError
+
+    builtin = {
+        LayerDropError: ValueError,
+        BenchmarkError: RuntimeError,
+        DataPrepareError: ValueError,
+        DemoError: RuntimeError,
+        ExportError: RuntimeError,
+        ParityError: RuntimeError,
+        ModelConversionError: RuntimeError,
+        RecipeParameterError: ValueError,
+        RecipeCheckError: ValueError,
+        MissingResourceError: FileNotFoundError,
+        DeploymentError: Exception,
+    }
+    for error_class, base in builtin.items():
+        assert issubclass(error_class, ObertError) and issubclass(error_class, base), error_class

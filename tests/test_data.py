@@ -127,3 +127,33 @@ def test_rewrite_replaces_whole_and_leaves_no_temp_folders(tmp_path):
     assert len(data.read_csv(out / "train.csv")) == 20
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bbc"]
     assert sorted(p.name for p in out.iterdir()) == sorted(data.OUTPUT_FILES)
+
+
+def test_a_failed_rewrite_keeps_the_earlier_output_whole(tmp_path, monkeypatch):
+    """Killed half way (here: the disk fails on the third file), a rewrite leaves the earlier
+    output exactly as it was and no staging or moved-aside folder."""
+    out = tmp_path / "bbc"
+    data.prepare("bbc", out, max_train=40, max_eval=10)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_write = data._write_csv
+
+    def failing_write(path, rows):
+        if path.name == "test.csv":
+            raise OSError(28, "No space left on device")
+        real_write(path, rows)
+
+    monkeypatch.setattr(data, "_write_csv", failing_write)
+    with pytest.raises(OSError, match="No space left"):
+        data.prepare("bbc", out, max_train=20, max_eval=10)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["bbc"]
+
+
+def test_an_unwritable_output_is_a_one_line_error_naming_it(tmp_path):
+    from obert_modifiers.errors import ObertError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ObertError, match=f"cannot write {blocker / 'out'}: {blocker} is a file"):
+        data.prepare("bbc", blocker / "out", max_train=20, max_eval=10)
+    assert blocker.read_text() == "x" and [p.name for p in tmp_path.iterdir()] == ["file"]

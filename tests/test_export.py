@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -327,3 +328,47 @@ def test_fold_embedding_qdq_keeps_outputs_and_removes_the_pair(tmp_path):
     after = ort.InferenceSession(str(path)).run(None, {"ids": ids})[0]
     np.testing.assert_array_equal(after, before)
     assert np.abs(before - table[ids]).max() > 0  # it really was quantized: the fold kept that
+
+
+def test_export_and_the_onnxruntime_benchmark_need_no_optional_extras(tiny_bert_dir, tmp_path):
+    """Installed without [hub] or [deepsparse]: with httpx, fastapi and deepsparse unimportable,
+    export_deployment writes a real deployment folder and run_benchmark times it on ONNX Runtime.
+    (Export used to import the hub client for its sha256 helper: ModuleNotFoundError: httpx.)"""
+    from _helpers import check, offline_env, run_python
+
+    code = textwrap.dedent(f"""
+        import json, sys
+        for name in ("httpx", "deepsparse", "fastapi"):
+            sys.modules[name] = None  # what a missing package looks like to `import`
+        from obert_modifiers.bench import run_benchmark
+        from obert_modifiers.export import export_deployment
+
+        result = export_deployment({str(tiny_bert_dir)!r}, {str(tmp_path / "dep")!r}, sequence_length=32,
+                                   progress=False)
+        (timing,) = run_benchmark(result.path, engines=("onnxruntime",), sequence_length=16, num_cores=1,
+                                  seconds=0.2, warmup_seconds=0.05)
+        hub = sorted(m for m in sys.modules if m.startswith("obert_modifiers.zoo"))
+        print(json.dumps({{"status": timing.status, "median_ms": timing.median_ms, "hub": hub}}))
+    """)
+    completed = run_python(code, env=offline_env())
+    check(completed, "export + ORT benchmark without the extras")
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert report["status"] == "ok" and report["median_ms"] > 0
+    assert report["hub"] == []  # export and bench never import the hub
+    manifest = json.loads((tmp_path / "dep" / "export.json").read_text())
+    assert manifest["sequence_length"] == 32
+    onnx_bytes = (tmp_path / "dep" / "model.onnx").read_bytes()
+    assert manifest["onnx_sha256"] == hashlib.sha256(onnx_bytes).hexdigest()
+
+
+def test_export_json_is_written_through_the_deployment_contract(artifacts):
+    """The folder export writes reads back through DeploymentManifest (the one schema), and the
+    result carries the sequence length it was exported with."""
+    from obert_modifiers.deployment import DeploymentManifest
+
+    result = artifacts["int8"]
+    manifest = DeploymentManifest.read(result.path)
+    assert manifest.format_version == 1 and manifest.sequence_length == result.sequence_length == 64
+    assert manifest.int8_format == result.int8_format == "integer"
+    assert manifest.parity.max_abs_diff == result.max_abs_diff
+    assert manifest.sparsity.overall == pytest.approx(result.sparsity, abs=1e-6)

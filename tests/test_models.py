@@ -108,3 +108,21 @@ def test_l3_state_dict_names_every_linear():
         ):
             assert f"encoder.layer.{layer}.{linear}.weight" in state
     assert state["encoder.layer.0.intermediate.dense.weight"].shape == (1536, 384)
+
+
+def test_minilm_l3_conversion_tolerates_another_process_finishing_first(tmp_path, monkeypatch):
+    """Two processes converting into the same cache: the one that finishes second keeps the
+    first one's folder (the same conversion) and cleans up its own staging folder."""
+    cache = tmp_path / "cache"
+    real_save = models._save_l3
+
+    def save_while_another_process_finishes(model, staging, onnx_path):
+        real_save(model, staging, onnx_path)
+        import shutil
+
+        shutil.copytree(staging, cache / staging.name.split(".tmp-")[0].lstrip("."))  # it wins the race
+
+    monkeypatch.setattr(models, "_save_l3", save_while_another_process_finishes)
+    target = models.minilm_l3_dir(cache_dir=cache)
+    assert (target / "config.json").is_file() and (target / "pytorch_model.bin").is_file()
+    assert [p.name for p in cache.iterdir()] == [target.name]  # no staging folder left

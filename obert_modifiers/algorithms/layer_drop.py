@@ -21,6 +21,8 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
+from obert_modifiers.errors import ObertError
+
 LAYER_MAP_KEY = "obert_layer_map"
 DROP_HISTORY_KEY = "obert_layer_drops"
 
@@ -28,7 +30,7 @@ DROP_HISTORY_KEY = "obert_layer_drops"
 _PREFERRED_SUFFIXES = ("encoder.layer", "transformer.layer", "encoder.layers", "layers", "layer")
 
 
-class LayerDropError(ValueError):
+class LayerDropError(ObertError, ValueError):
     """The model or the requested layers do not allow the drop (message says which and why)."""
 
 

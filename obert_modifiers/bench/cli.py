@@ -17,13 +17,25 @@ BENCH_HELP = (
 
 
 def _sequence_length_default(folder: Path) -> int:
-    manifest = folder / "export.json"
-    if manifest.is_file():
-        try:
-            return int(json.loads(manifest.read_text()).get("sequence_length", 128))
-        except (ValueError, TypeError):
-            pass
+    """export.json's sequence_length (of the folder, or of its deployment/ in a zoo layout), else 128.
+    A manifest that breaks the contract is an error naming the field."""
+    from obert_modifiers.deployment import MANIFEST, DeploymentManifest
+
+    for candidate in (folder, folder / "deployment"):
+        if (candidate / MANIFEST).is_file():
+            return DeploymentManifest.read(candidate).sequence_length
     return 128
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    from obert_modifiers.bench.runner import BenchmarkError
+    from obert_modifiers.deployment import atomic_write_text
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
+    except OSError as error:
+        raise BenchmarkError(f"cannot write --json {path}: {error.strerror or error}") from None
 
 
 def register(app: typer.Typer) -> None:
@@ -53,7 +65,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from obert_modifiers.bench import BenchmarkError, run_benchmark
+        from obert_modifiers.bench import run_benchmark
 
         seq = sequence_length or _sequence_length_default(deployment_dir)
         kwargs = dict(
@@ -64,12 +76,14 @@ def register(app: typer.Typer) -> None:
             seconds=seconds,
             warmup_seconds=warmup,
         )
-        try:
-            results = run_benchmark(deployment_dir, **kwargs)
-            base = run_benchmark(baseline, **kwargs) if baseline is not None else []
-        except BenchmarkError as error:
-            typer.secho(f"obert benchmark: {error}", err=True, fg="red")
-            raise typer.Exit(1) from None
+        if json_path is not None and json_path.is_dir():
+            from obert_modifiers.bench.runner import BenchmarkError
+
+            raise BenchmarkError(
+                f"--json {json_path} is a folder; name a file, e.g. {json_path / 'bench.json'}"
+            )
+        results = run_benchmark(deployment_dir, **kwargs)
+        base = run_benchmark(baseline, **kwargs) if baseline is not None else []
         base_by_engine = {r.engine: r for r in base if r.ok}
         base_ort = base_by_engine.get("onnxruntime")
 
@@ -114,8 +128,7 @@ def register(app: typer.Typer) -> None:
                 "results": rows,
                 "baseline_results": [r.to_dict() for r in base],
             }
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+            _write_json(json_path, payload)
             typer.echo(f"wrote {json_path}")
         if not any(r.ok for r in results):
             raise typer.Exit(1)

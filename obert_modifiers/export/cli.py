@@ -26,30 +26,38 @@ def register(app: typer.Typer) -> None:
             "-t",
             help="text-classification, token-classification or question-answering",
         ),
-        sequence_length: int = typer.Option(
-            128,
+        sequence_length: int | None = typer.Option(
+            None,
             "--sequence-length",
             "-s",
-            help="Sequence length of the export sample and of the parity batch padded to full length",
+            help=(
+                "Sequence length of the export sample and of the parity batch padded to full length "
+                "(default: 128, or the model's maximum if it takes fewer tokens)"
+            ),
         ),
         out: Path | None = typer.Option(
             None, "--out", "-o", help="Deployment folder (default: MODEL_DIR/deployment)"
         ),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing deployment folder"),
     ) -> None:
-        from obert_modifiers.export import ExportError, export_deployment
+        from obert_modifiers.export import DEFAULT_SEQUENCE_LENGTH, export_deployment, max_sequence_length
 
         target = out if out is not None else model_dir / "deployment"
-        try:
-            result = export_deployment(
-                model_dir, target, task=task, sequence_length=sequence_length, overwrite=overwrite
-            )
-        except ExportError as error:
-            typer.secho(f"obert export: {error}", err=True, fg="red")
-            raise typer.Exit(1) from None
+        if sequence_length is None:
+            maximum = max_sequence_length(model_dir)
+            if maximum is not None and maximum < DEFAULT_SEQUENCE_LENGTH:
+                typer.echo(
+                    f"{model_dir} takes at most {maximum} tokens (max_position_embeddings): exporting with "
+                    f"--sequence-length {maximum} instead of {DEFAULT_SEQUENCE_LENGTH}"
+                )
+        # errors (ExportError, DeploymentError: both ObertError) are printed by the `obert` handler
+        result = export_deployment(
+            model_dir, target, task=task, sequence_length=sequence_length, overwrite=overwrite
+        )
         kind = "INT8" if result.quantized else "FP32"
         typer.echo(
             f"wrote {result.path} ({kind}, {result.onnx_bytes / 1e6:.2f} MB model.onnx, "
+            f"sequence length {result.sequence_length}, "
             f"{result.num_layers} layers, sparsity {result.sparsity:.1%}); parity: max |diff| "
             f"{result.max_abs_diff:.3g} (tolerance {result.tolerance:g}), "
             f"{result.prediction_agreement:.0%} predictions agree on {result.num_samples} samples"

@@ -8,8 +8,10 @@ import inspect
 from collections.abc import Sequence
 from typing import Any
 
+from obert_modifiers.errors import ObertError
 
-class RecipeParameterError(ValueError):
+
+class RecipeParameterError(ObertError, ValueError):
     """A recipe gave a modifier a bad value. The message names modifier, key, value and what is expected."""
 
     def __init__(self, modifier: str, key: str, value: Any, expected: str):

@@ -1,0 +1,369 @@
+"""Inference benchmark of a deployment folder on DeepSparse and ONNX Runtime, side by side.
+
+Both engines run a *copy* of the folder's ``model.onnx`` (``deepsparse.benchmark -e onnxruntime``
+rewrites the file it is given, in place), on the same synthetic token batch, warm-up first, then
+timed calls for a fixed number of seconds. Latency figures are per call (one batch).
+
+Timings depend on what else the machine is doing: DeepSparse pins and spins on its cores and
+degrades sharply when another process competes for them. Each result records the 1-minute load
+average measured before it ran; treat figures taken under load as indicative only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from obert_modifiers.deployment import max_sequence_length
+from obert_modifiers.errors import ObertError
+
+__all__ = [
+    "ENGINES",
+    "BenchmarkError",
+    "BenchmarkResult",
+    "engine_available",
+    "make_inputs",
+    "run_benchmark",
+    "run_deepsparse_benchmark_cli",
+]
+
+ENGINES = ("deepsparse", "onnxruntime")
+
+
+class BenchmarkError(ObertError, RuntimeError):
+    """Bad benchmark input (the message names the folder or file), e.g.
+    ``runs/x has no model.onnx (export one with `obert export`)``."""
+
+
+@dataclass
+class BenchmarkResult:
+    engine: str
+    batch_size: int
+    sequence_length: int
+    num_cores: int | None
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    items_per_second: float
+    iterations: int = 0
+    status: str = "ok"  # "ok" | "unavailable" | "failed"
+    error: str | None = None
+    load_average_1m: float | None = None
+    model: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def engine_available(engine: str) -> str | None:
+    """None if ``engine`` can be imported, else the reason it cannot."""
+    module = {"deepsparse": "deepsparse", "onnxruntime": "onnxruntime"}.get(engine)
+    if module is None:
+        return f"unknown engine {engine!r} (expected one of {', '.join(ENGINES)})"
+    try:
+        __import__(module)
+    except Exception as error:  # ImportError, or a broken binary
+        return f"{module} is not installed or cannot load ({error.__class__.__name__}: {error})"
+    return None
+
+
+def _model_path(deployment_dir: Path) -> Path:
+    if not deployment_dir.exists():
+        raise BenchmarkError(f"deployment folder {deployment_dir} does not exist")
+    model = deployment_dir / "model.onnx" if deployment_dir.is_dir() else deployment_dir
+    if not model.is_file() and (deployment_dir / "deployment" / "model.onnx").is_file():
+        model = deployment_dir / "deployment" / "model.onnx"  # a zoo-layout folder (`obert zoo pull`)
+    if not model.is_file():
+        raise BenchmarkError(f"{deployment_dir} has no model.onnx (export one with `obert export`)")
+    return model
+
+
+def _config(deployment_dir: Path) -> dict[str, Any]:
+    """The folder's config.json, or {} when it has none or it cannot be read (only hints come from it)."""
+    try:
+        config = json.loads((deployment_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _vocab_size(deployment_dir: Path) -> int:
+    try:
+        return int(_config(deployment_dir).get("vocab_size", 30522))
+    except (ValueError, TypeError):
+        return 30522
+
+
+def _check_sequence_length(deployment_dir: Path, sequence_length: int) -> None:
+    """Refuse a sequence longer than the model's position embeddings (every engine would fail on it)."""
+    positions = max_sequence_length(deployment_dir)
+    if positions is not None and sequence_length > positions:
+        raise BenchmarkError(
+            f"sequence length {sequence_length} (--sequence-length) is longer than the model in "
+            f"{deployment_dir} takes: at most {positions} tokens (max_position_embeddings in config.json)"
+        )
+
+
+def make_inputs(
+    onnx_path: Path, batch_size: int, sequence_length: int, vocab_size: int = 30522, seed: int = 0
+) -> dict[str, Any]:
+    """A synthetic batch for every model input: random token ids (avoiding the special tokens
+    at the start of BERT vocabularies), an all-ones attention mask, zero token types."""
+    import numpy as np
+    import onnx
+
+    rng = np.random.default_rng(seed)
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as error:  # truncated or not ONNX at all: protobuf's DecodeError and others
+        message = " ".join(str(error).split()) or error.__class__.__name__
+        raise BenchmarkError(f"{onnx_path} is not a readable ONNX model: {message}") from None
+    initializers = {init.name for init in model.graph.initializer}
+    inputs: dict[str, Any] = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        shape = (batch_size, sequence_length)
+        if "mask" in value.name:
+            inputs[value.name] = np.ones(shape, dtype=np.int64)
+        elif "type" in value.name:
+            inputs[value.name] = np.zeros(shape, dtype=np.int64)
+        else:
+            inputs[value.name] = rng.integers(
+                min(1000, vocab_size - 1), vocab_size, size=shape, dtype=np.int64
+            )
+    return inputs
+
+
+def _time_calls(call, seconds: float, warmup_seconds: float, min_iterations: int = 5) -> list[float]:
+    deadline = time.perf_counter() + warmup_seconds
+    call()  # at least one warm-up call: first calls allocate
+    while time.perf_counter() < deadline:
+        call()
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < min_iterations:
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return times
+
+
+def _summary(
+    engine: str,
+    batch_size: int,
+    sequence_length: int,
+    num_cores: int | None,
+    times_ms: list[float],
+    load: float | None,
+    model: str,
+) -> BenchmarkResult:
+    ordered = sorted(times_ms)
+    p90 = ordered[min(len(ordered) - 1, int(math.ceil(0.9 * len(ordered))) - 1)]
+    mean = statistics.fmean(times_ms)
+    return BenchmarkResult(
+        engine=engine,
+        batch_size=batch_size,
+        sequence_length=sequence_length,
+        num_cores=num_cores,
+        median_ms=statistics.median(times_ms),
+        p90_ms=p90,
+        mean_ms=mean,
+        items_per_second=batch_size * 1000.0 / mean,
+        iterations=len(times_ms),
+        load_average_1m=load,
+        model=model,
+    )
+
+
+def _unavailable(engine, batch_size, sequence_length, num_cores, status, error, model) -> BenchmarkResult:
+    nan = float("nan")
+    return BenchmarkResult(
+        engine,
+        batch_size,
+        sequence_length,
+        num_cores,
+        nan,
+        nan,
+        nan,
+        nan,
+        status=status,
+        error=error,
+        model=model,
+    )
+
+
+def _load() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def _run_onnxruntime(onnx_path: Path, inputs, num_cores, seconds, warmup) -> list[float]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.inter_op_num_threads = 1
+    if num_cores:
+        options.intra_op_num_threads = int(num_cores)
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    return _time_calls(lambda: session.run(None, inputs), seconds, warmup)
+
+
+def _run_deepsparse(
+    onnx_path: Path, inputs, batch_size, sequence_length, num_cores, seconds, warmup
+) -> list[float]:
+    from deepsparse import Engine
+
+    arrays = list(inputs.values())
+    engine = Engine(
+        model=str(onnx_path),
+        batch_size=batch_size,
+        num_cores=num_cores,
+        input_shapes=[list(a.shape) for a in arrays],
+    )
+    return _time_calls(lambda: engine.run(arrays), seconds, warmup)
+
+
+def run_benchmark(
+    deployment_dir: str | os.PathLike,
+    engines: Sequence[str] = ENGINES,
+    batch_size: int = 1,
+    sequence_length: int = 128,
+    num_cores: int | None = None,
+    seconds: float = 5.0,
+    warmup_seconds: float = 1.0,
+) -> list[BenchmarkResult]:
+    """Benchmark ``deployment_dir/model.onnx`` on each engine (results in the order given).
+
+    An engine that is not installed gives a result with ``status="unavailable"`` and the reason
+    in ``error``; an engine that fails to run gives ``status="failed"``. ONNX Runtime runs before
+    DeepSparse, whose spinning worker threads would otherwise slow it down.
+    """
+    deployment_dir = Path(deployment_dir)
+    source = _model_path(deployment_dir)
+    folder = source.parent
+    if batch_size < 1 or sequence_length < 1:
+        raise BenchmarkError(
+            f"batch size and sequence length must be >= 1, got {batch_size}, {sequence_length}"
+        )
+    if seconds <= 0:
+        raise BenchmarkError(f"seconds must be > 0, got {seconds}")
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        raise BenchmarkError(f"unknown engine(s) {unknown}: expected {', '.join(ENGINES)}")
+    _check_sequence_length(folder, sequence_length)
+
+    results: dict[str, BenchmarkResult] = {}
+    with tempfile.TemporaryDirectory(prefix="obert-bench-") as scratch:
+        inputs = make_inputs(source, batch_size, sequence_length, _vocab_size(folder))
+        for engine in sorted(engines, key=lambda e: e != "onnxruntime"):
+            reason = engine_available(engine)
+            if reason:
+                results[engine] = _unavailable(
+                    engine, batch_size, sequence_length, num_cores, "unavailable", reason, str(source)
+                )
+                continue
+            copy = Path(scratch) / engine / "model.onnx"  # never benchmark the original in place
+            copy.parent.mkdir()
+            shutil.copyfile(source, copy)
+            if (folder / "model.data").is_file():
+                shutil.copyfile(folder / "model.data", copy.parent / "model.data")
+            load = _load()
+            try:
+                if engine == "onnxruntime":
+                    times = _run_onnxruntime(copy, inputs, num_cores, seconds, warmup_seconds)
+                else:
+                    times = _run_deepsparse(
+                        copy, inputs, batch_size, sequence_length, num_cores, seconds, warmup_seconds
+                    )
+            except Exception as error:
+                results[engine] = _unavailable(
+                    engine,
+                    batch_size,
+                    sequence_length,
+                    num_cores,
+                    "failed",
+                    f"{error.__class__.__name__}: {error}",
+                    str(source),
+                )
+                continue
+            results[engine] = _summary(
+                engine, batch_size, sequence_length, num_cores, times, load, str(source)
+            )
+    return [results[e] for e in engines]
+
+
+def run_deepsparse_benchmark_cli(
+    deployment_dir: str | os.PathLike,
+    batch_size: int = 1,
+    sequence_length: int = 128,
+    num_cores: int | None = None,
+    seconds: float = 5.0,
+    warmup_seconds: float = 1.0,
+    engine: str = "deepsparse",
+    timeout: float = 600.0,
+) -> dict[str, Any]:
+    """Run the stock ``deepsparse.benchmark`` command on a copy of the folder's model.onnx and
+    return its JSON report (``items_per_sec``, ``benchmark_result`` ...)."""
+    source = _model_path(Path(deployment_dir))
+    executable = Path(sys.executable).with_name("deepsparse.benchmark")
+    command = (
+        [str(executable)]
+        if executable.exists()
+        else [sys.executable, "-m", "deepsparse.benchmark_model.benchmark_model"]
+    )
+    with tempfile.TemporaryDirectory(prefix="obert-dsbench-") as scratch:
+        copy = Path(scratch) / "model.onnx"
+        shutil.copyfile(source, copy)
+        report = Path(scratch) / "report.json"
+        command += [
+            str(copy),
+            "-b",
+            str(batch_size),
+            "-seq_len",
+            str(sequence_length),
+            "-t",
+            str(max(1, math.ceil(seconds))),
+            "-w",
+            str(max(0, math.ceil(warmup_seconds))),
+            "-e",
+            engine,
+            "-x",
+            str(report),
+            "-q",
+        ]
+        if num_cores:
+            command += ["-ncores", str(num_cores)]
+        completed = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "NM_DISABLE_ANALYTICS": "1"},
+        )
+        if completed.returncode != 0:
+            raise BenchmarkError(
+                f"deepsparse.benchmark failed on {source} (exit {completed.returncode}): "
+                f"{completed.stderr.strip()[-2000:]}"
+            )
+        if not report.is_file():
+            raise BenchmarkError(f"deepsparse.benchmark wrote no report for {source}")
+        data = json.loads(report.read_text())
+        data["stdout"] = completed.stdout[-4000:]
+        return data

@@ -1,0 +1,176 @@
+"""The ONNX/PyTorch parity check: the same real sentences through ONNX Runtime and PyTorch,
+compared output by output, before a deployment folder is declared good."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from obert_modifiers.export.errors import ExportError, ParityError, ParityReport
+
+FP32_TOLERANCE = 1e-4  # max |logit difference|, scaled by max(1, max |logit|)
+INT8_TOLERANCE = 1e-1  # looser: see docs/export.md (integer conversion folds biases into int32)
+
+# Real sentences of several lengths (short review snippets to a long news-style paragraph), so
+# parity covers padding, truncation and more than one sequence length.
+SAMPLE_TEXTS = (
+    "A gripping, beautifully acted film.",
+    "Dull.",
+    "The plot wanders for an hour before anything happens, and the ending feels rushed.",
+    "Shares in the carmaker rose sharply after it reported record quarterly profits on Tuesday.",
+    "It is not the masterpiece its trailer promised, but the cast is charming and the music works.",
+    "The government said the new rail line would open next spring, two years later than planned, "
+    "after engineers found problems with the tunnels under the river and costs rose by a third.",
+    "What a waste of a talented director.",
+    "The striker scored twice in the second half as the home side came back to win three goals to two, "
+    "lifting them out of the relegation places for the first time since October and leaving the "
+    "visitors' manager to explain another late collapse to an increasingly frustrated crowd.",
+)
+
+
+
+def _input_names(model, tokenizer) -> list[str]:
+    import inspect
+
+    encoded = tokenizer(["a"], return_tensors="pt")
+    forward_args = list(inspect.signature(model.forward).parameters)
+    return [name for name in forward_args if name in encoded]
+
+
+def sample_batches(
+    tokenizer,
+    input_names: Sequence[str],
+    sequence_length: int,
+    texts: Sequence[str] = SAMPLE_TEXTS,
+    pad_to_full: bool = False,
+) -> list[tuple[str, OrderedDict[str, Any]]]:
+    """Named input batches: all texts padded to the longest, three texts padded to
+    ``sequence_length``, and a single text (everything padded to ``sequence_length`` when
+    ``pad_to_full``, for ONNX files with a fixed sequence axis)."""
+
+    def encode(batch_texts, padding):
+        encoded = tokenizer(
+            list(batch_texts),
+            padding=padding,
+            truncation=True,
+            max_length=sequence_length,
+            return_tensors="np",
+        )
+        return OrderedDict((name, encoded[name].astype("int64")) for name in input_names)
+
+    longest = "max_length" if pad_to_full else "longest"
+    return [
+        (
+            f"{len(texts)} texts padded to {'longest' if longest == 'longest' else sequence_length}",
+            encode(texts, longest),
+        ),
+        (f"3 texts padded to {sequence_length}", encode(texts[:3], "max_length")),
+        ("1 text", encode(texts[-1:], longest)),
+    ]
+
+
+def _torch_outputs(model, batch) -> OrderedDict[str, Any]:
+    import torch
+
+    with torch.no_grad():
+        output = model(**{name: torch.from_numpy(value) for name, value in batch.items()})
+    if hasattr(output, "keys"):
+        return OrderedDict((key, output[key].numpy()) for key in output.keys())
+    if isinstance(output, (tuple, list)):
+        return OrderedDict((f"output_{i}", t.numpy()) for i, t in enumerate(output))
+    return OrderedDict(output=output.numpy())
+
+
+def check_parity(
+    model,
+    onnx_path: str | os.PathLike,
+    tokenizer,
+    *,
+    quantized: bool,
+    sequence_length: int = 128,
+    texts: Sequence[str] = SAMPLE_TEXTS,
+    tolerance: float | None = None,
+    raise_on_failure: bool = True,
+) -> ParityReport:
+    """Run ``onnx_path`` in ONNX Runtime and ``model`` in PyTorch on real sentences and compare.
+
+    Passes when every output is within ``tolerance * max(1, max |PyTorch output|)`` (default
+    1e-4 for FP32, 1e-1 for INT8) and, for INT8, the arg-max prediction agrees on every sample
+    whose PyTorch top-2 margin exceeds twice the allowed difference. On failure raises
+    :class:`ParityError` naming the largest difference and where it is.
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    tolerance = (INT8_TOLERANCE if quantized else FP32_TOLERANCE) if tolerance is None else tolerance
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    onnx_inputs = [i.name for i in session.get_inputs()]
+    onnx_outputs = [o.name for o in session.get_outputs()]
+    model.eval()
+
+    static_length = session.get_inputs()[0].shape[1] if len(session.get_inputs()[0].shape) > 1 else None
+    if isinstance(static_length, int):  # exported with a fixed sequence axis (the stock exporter)
+        sequence_length = static_length
+    worst_diff, worst_where = -1.0, ""
+    num_samples, agree, compared, failures = 0, 0, 0, []
+    batches = sample_batches(
+        tokenizer, onnx_inputs, sequence_length, texts, pad_to_full=isinstance(static_length, int)
+    )
+    for label, batch in batches:
+        reference = _torch_outputs(model, batch)
+        produced = session.run(None, dict(batch))
+        num_samples += len(next(iter(batch.values())))
+        for name, got in zip(onnx_outputs, produced, strict=True):
+            want = reference.get(name)
+            if want is None:
+                raise ExportError(f"ONNX output {name!r} has no PyTorch counterpart ({list(reference)})")
+            if want.shape != got.shape:
+                raise ParityError(
+                    f"output {name!r} on {label}: ONNX shape {got.shape} != PyTorch {want.shape}",
+                    ParityReport(math.inf, tolerance, num_samples, 0.0, label, False),
+                )
+            if not (np.isfinite(want).all() and np.isfinite(got).all()):
+                # NaN compares as "not larger" than any tolerance: name it instead of passing it
+                failures.append(f"{name} on '{label}' holds NaN or infinite values")
+                continue
+            scale = max(1.0, float(np.abs(want).max()))
+            diff = np.abs(want.astype(np.float64) - got.astype(np.float64))
+            where = np.unravel_index(int(diff.argmax()), diff.shape)
+            if float(diff.max()) > worst_diff:
+                worst_diff = float(diff.max())
+                worst_where = (
+                    f"output {name!r}, batch '{label}', sample {where[0]}, index "
+                    f"{tuple(int(i) for i in where[1:])}: PyTorch {float(want[where]):.6g}, "
+                    f"ONNX {float(got[where]):.6g}"
+                )
+            if float(diff.max()) > tolerance * scale:
+                failures.append(
+                    f"{name} on '{label}' differs by {float(diff.max()):.3g} > {tolerance * scale:.3g}"
+                )
+            # prediction agreement along the last axis (classes / positions)
+            top2 = np.sort(want, axis=-1)[..., -2:] if want.shape[-1] > 1 else None
+            same = want.argmax(-1) == got.argmax(-1)
+            agree += int(same.sum())
+            compared += int(same.size)
+            if quantized and top2 is not None:
+                clear = (top2[..., 1] - top2[..., 0]) > 2 * tolerance * scale
+                if np.any(clear & ~same):
+                    failures.append(
+                        f"{name} on '{label}': {int((clear & ~same).sum())} clear predictions changed"
+                    )
+    agreement = agree / compared if compared else 1.0
+    report = ParityReport(worst_diff, tolerance, num_samples, agreement, worst_where, not failures)
+    if failures and raise_on_failure:
+        raise ParityError(
+            f"ONNX/PyTorch parity check failed for {onnx_path}: largest difference {worst_diff:.4g} "
+            f"at {worst_where}; tolerance {tolerance:g} x max(1, |output|) "
+            f"({'INT8' if quantized else 'FP32'}); " + "; ".join(failures[:3]),
+            report,
+        )
+    return report
+
