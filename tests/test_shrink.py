@@ -312,3 +312,56 @@ def test_masked_lm_with_tied_decoder_reloads(tmp_path):
     assert again.cls.predictions.decoder.weight is again.bert.embeddings.word_embeddings.weight
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_calibrate_search_and_shrink_fit_together():
+    """Hessians from hooks -> per-layer databases -> search against a FLOPs table -> shrink with the
+    OBS-updated weights: the model meets the target by the table and is closer to the dense model
+    than the same structure shrunk without the OBS weights."""
+    from obert_modifiers.algorithms import latency_search, structured_obs
+    from obert_modifiers.latency import flops_table, shape_key
+
+    model = _model()
+    layers = model.bert.encoder.layer
+    calibration = _inputs(seed=7, batch=16, seq=16)
+    outs = {f"{i}.attention": layer.attention.output.dense for i, layer in enumerate(layers)}
+    outs |= {f"{i}.ffn": layer.output.dense for i, layer in enumerate(layers)}
+    with torch.no_grad(), structured_obs.input_hessians(outs) as hessians:
+        model(**calibration)
+    ffn_levels = list(range(0, FFN + 1, 8))
+    databases = {}
+    for name, linear in outs.items():
+        attention = name.endswith("attention")
+        databases[name] = structured_obs.structured_obs(
+            linear.weight,
+            hessians[name].hessian,
+            HEAD_SIZE if attention else 1,
+            None if attention else ffn_levels,
+            chunk=1 if attention else 4,
+        )
+    table = flops_table(shape_key(model.config, runtime="flops", sequence_length=16), ffn_step=8)
+    attention_errors = [databases[f"{i}.attention"].by_kept(relative=True) for i in range(LAYERS)]
+    ffn_errors = [databases[f"{i}.ffn"].by_kept(relative=True) for i in range(LAYERS)]
+    choice = latency_search.search_structure(table, attention_errors, ffn_errors, 2.0)
+    assert choice.speedup >= 2.0
+
+    heads, ffn, attention_weights, ffn_weights = {}, {}, {}, {}
+    for i in range(LAYERS):
+        att, mlp = databases[f"{i}.attention"], databases[f"{i}.ffn"]
+        level_a, level_f = HEADS - choice.heads[i], FFN - choice.ffn[i]
+        heads[i], ffn[i] = att.kept_groups(level_a), mlp.kept_groups(level_f)
+        attention_weights[i], ffn_weights[i] = att.weight(level_a), mlp.weight(level_f)
+    plain = copy.deepcopy(model)
+    dense = copy.deepcopy(model)
+    shrink.shrink_model(model, heads, ffn, attention_weights=attention_weights, ffn_weights=ffn_weights)
+    shrink.shrink_model(plain, heads, ffn)
+    structure = shrink.read_structure(model)
+    assert structure["heads"] == choice.heads and structure["ffn"] == choice.ffn
+    assert table.speedup(structure["heads"], structure["ffn"]) >= 2.0
+    with torch.no_grad():
+        want = dense(**calibration, output_hidden_states=True).hidden_states[1]
+        obs = model(**calibration, output_hidden_states=True).hidden_states[1]
+        zeroed = plain(**calibration, output_hidden_states=True).hidden_states[1]
+    # the first layer sees exactly its calibration inputs: OBS must reconstruct it better
+    assert choice.heads[0] < HEADS or choice.ffn[0] < FFN
+    assert (obs - want).pow(2).mean() < (zeroed - want).pow(2).mean()
