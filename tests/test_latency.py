@@ -4,6 +4,7 @@ the file and times nothing), and the FLOPs table as the no-runtime alternative."
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 
@@ -85,3 +86,29 @@ def test_bad_settings_are_refused():
         latency.shape_key(object())
     flags = latency.cpu_flags()
     assert set(flags) >= {"avx2", "avx512_vnni"} and all(isinstance(v, bool) for v in flags.values())
+
+
+def test_int8_graphs_are_ort_dynamic_int8_and_close_to_fp32(tmp_path):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from transformers import BertModel
+
+    config = _config(vocab_size=100)
+    torch.manual_seed(0)
+    model = BertModel(config).eval()
+    ids = torch.randint(0, 100, (2, 16))
+    path = tmp_path / "model.onnx"
+    latency._export(model, {"input_ids": ids}, path)
+    (fp32,) = ort.InferenceSession(str(path)).run(None, {"input_ids": ids.numpy()})[:1]
+    assert latency._quantize(path) == 6  # Q, K, V, out-projection, two FFN linears
+    ops = Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+    assert ops["MatMulInteger"] == 6 and ops["DynamicQuantizeLinear"] == 4  # Q/K/V share their input
+    (int8,) = ort.InferenceSession(str(path)).run(None, {"input_ids": ids.numpy()})[:1]
+    diff = np.abs(int8 - fp32)
+    assert 0 < diff.mean() < 0.05, diff.mean()
+
+    table = latency.latency_table(config, precision="int8", cache_dir=tmp_path, **FAST)
+    assert table.key.precision == "int8" and table.meta["dense_measured"] > 0
+    assert latency.table_cache_path(table.key, tmp_path, 64).is_file()
