@@ -141,6 +141,9 @@ def test_shrink_writes_the_updated_output_projections():
     message = "attention output of layer 0: the new weight is \\(32, 32\\)"
     with pytest.raises(shrink.ShrinkError, match=message):
         shrink.shrink_model(model, {0: [0]}, attention_weights={0: full_attention})
+    message = "ffn_weights: layers \\[1\\] have weights but no kept ffn list"
+    with pytest.raises(shrink.ShrinkError, match=message):
+        shrink.shrink_model(model, ffn_weights={"1": full_ffn})
 
 
 def test_repeated_shrinks_speak_current_indices_and_slices_map_parameters():

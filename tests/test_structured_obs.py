@@ -194,15 +194,35 @@ def test_float32_default_agrees_with_float64():
     assert db32.weight(3).dtype == torch.float32
 
 
-def test_input_hessians_hook_collects_linear_inputs():
+def test_input_hessians_hook_collects_linear_inputs_without_padding():
     lin = nn.Linear(6, 3).double()
     x, _ = _data(cols=6, tokens=40)
-    with sobs.input_hessians({"out": lin}, dtype=torch.float64) as hessians:
-        lin(x[:25])
-        lin(x[25:])
+    batch = {}
+    with sobs.input_hessians({"out": lin}, dtype=torch.float64, mask=lambda: batch["mask"]) as hessians:
+        batch["mask"] = torch.ones(1, 25, dtype=torch.long)
+        lin(x[:25].unsqueeze(0))
+        batch["mask"] = torch.tensor([[1] * 15 + [0] * 5, [1] * 20])  # 5 padding tokens
+        padded = torch.cat([x[25:40], torch.full((5, 6), 50.0, dtype=torch.float64), x[:20]])
+        lin(padded.reshape(2, 20, 6))
+        batch["mask"] = torch.ones(3)
+        message = "the mask is \\(3,\\) but out's input is \\(4, 6\\)"
+        with pytest.raises(sobs.StructuredOBSError, match=message):
+            lin(x[:4])
     lin(x)  # hooks are gone
-    assert hessians["out"].count == 40
-    torch.testing.assert_close(hessians["out"].hessian, 2 * x.T @ x / 40)
+    assert hessians["out"].count == 60
+    seen = torch.cat([x[:40], x[:20]])
+    torch.testing.assert_close(hessians["out"].hessian, 2 * seen.T @ seen / 60)
+
+
+@pytest.mark.parametrize("group_size, chunk", [(1, 3), (4, 1)])
+def test_closed_form_weight_equals_the_greedy_databases(group_size, chunk):
+    x, w = _data(rows=8, cols=24, tokens=200, seed=6)
+    x[:, 7] = 0.0  # a dead input too
+    h = _hessian(x)
+    db = sobs.structured_obs(w, h, group_size, chunk=chunk)
+    for level in db.levels[:-1]:
+        got = sobs.optimal_weight(w, h, db.kept_columns(level))
+        torch.testing.assert_close(got, db.weight(level), rtol=RTOL, atol=1e-8)
 
 
 def test_bad_inputs_raise_named_errors():

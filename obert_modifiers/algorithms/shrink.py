@@ -266,8 +266,14 @@ def shrink_model(
 
 def _shrink(model, heads, ffn, attention_weights, ffn_weights) -> list[ParamSlice]:
     layers = encoder_layers(model)
-    heads = dict(heads or {})
-    ffn = dict(ffn or {})
+    heads = {int(k): v for k, v in (heads or {}).items()}  # JSON round trips turn keys into strings
+    ffn = {int(k): v for k, v in (ffn or {}).items()}
+    attention_weights = {int(k): v for k, v in (attention_weights or {}).items()}
+    ffn_weights = {int(k): v for k, v in (ffn_weights or {}).items()}
+    for name, mapping in (("attention_weights", attention_weights), ("ffn_weights", ffn_weights)):
+        unknown = sorted(set(mapping) - set(heads if name == "attention_weights" else ffn))
+        if unknown:
+            raise ShrinkError(f"{name}: layers {unknown} have weights but no kept {name.split('_')[0]} list")
     for name, mapping in (("heads", heads), ("ffn", ffn)):
         bad = [layer for layer in mapping if not 0 <= int(layer) < len(layers)]
         if bad:
@@ -280,7 +286,7 @@ def _shrink(model, heads, ffn, attention_weights, ffn_weights) -> list[ParamSlic
         kept = _validate_keep(keep, current, f"heads of layer {index}")
         if len(kept) < current:
             slices += _prune_heads(model, layer.attention, index, kept)
-        if attention_weights and index in attention_weights:
+        if index in attention_weights:
             what = f"attention output of layer {index}"
             _set_weight(layer.attention.output.dense, attention_weights[index], what)
         if not kept and not isinstance(layer.attention, RemovedAttention):
@@ -301,7 +307,7 @@ def _shrink(model, heads, ffn, attention_weights, ffn_weights) -> list[ParamSlic
             slices.append(ParamSlice(out.weight, layer.output.dense.weight, keep_index, 1))
             if out.bias is not None:
                 slices.append(ParamSlice(out.bias, layer.output.dense.bias, None, 0))
-        if ffn_weights and index in ffn_weights:
+        if index in ffn_weights:
             _set_weight(layer.output.dense, ffn_weights[index], f"FFN output of layer {index}")
         if not kept and not isinstance(layer.output, RemovedOutput):
             layer.intermediate = RemovedIntermediate(layer.intermediate)

@@ -25,7 +25,7 @@ error database the latency search chooses from.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -43,6 +43,7 @@ __all__ = [
     "remove_columns",
     "reconstruction_error",
     "zero_columns",
+    "optimal_weight",
     "OBSDatabase",
     "structured_obs",
     "input_hessians",
@@ -184,6 +185,22 @@ def reconstruction_error(weight: Tensor, new_weight: Tensor, hessian: Tensor) ->
     return float(0.5 * ((dw @ hessian) * dw).sum())
 
 
+def optimal_weight(
+    weight: Tensor, hessian: Tensor, kept_columns: Tensor | Sequence[int], rel_damp: float = DEFAULT_REL_DAMP
+) -> Tensor:
+    """The best weight on ``kept_columns`` (the others removed) in closed form, ``W H[:, K] H[K, K]^-1``
+    with the damped Hessian: what the greedy OBS steps reach for that removed set, so a database need
+    not store weights (``store_weights=False``) for levels only the chosen one of which is used."""
+    h = damped_hessian(hessian, rel_damp)
+    kept = torch.as_tensor(kept_columns, dtype=torch.long, device=h.device)
+    w = weight.detach().to(h.dtype).clone()
+    w[:, torch.diagonal(hessian) == 0] = 0.0
+    rhs = w @ h[:, kept]  # [rows, K]
+    chol = torch.linalg.cholesky(h[kept][:, kept])
+    solved = torch.cholesky_solve(rhs.T, chol).T
+    return solved.to(weight.dtype)
+
+
 def zero_columns(weight: Tensor, columns: Tensor | Sequence[int]) -> Tensor:
     """A copy of ``weight`` with ``columns`` set to 0 and nothing else changed (removal without update)."""
     out = weight.clone()
@@ -323,21 +340,25 @@ def input_hessians(
     modules: Mapping[str, nn.Linear],
     *,
     dtype: torch.dtype = torch.float32,
-    mask: Sequence[Tensor | None] | None = None,
+    mask: Callable[[], Tensor | None] | None = None,
 ) -> Iterator[dict[str, InputHessian]]:
     """Within the block, every forward of each named linear adds its input to an :class:`InputHessian`.
 
-    ``mask``, a one-element list the caller refreshes per batch (``mask[0] = attention_mask``), drops
-    padding tokens. Yields ``{name: InputHessian}``; the hooks are removed on exit."""
+    ``mask`` returns the current batch's token mask (e.g. ``lambda: batch["attention_mask"]``), so
+    padding tokens do not count; a mask whose shape is not the input's leading shape is an error.
+    Yields ``{name: InputHessian}``; the hooks are removed on exit."""
     hessians = {name: InputHessian(module.in_features, dtype=dtype) for name, module in modules.items()}
     handles = []
     for name, module in modules.items():
 
         def hook(_module, args, _name=name):
-            current = mask[0] if mask else None
             inputs = args[0]
-            if current is not None and current.shape != inputs.shape[:-1]:
-                current = None
+            current = mask() if mask is not None else None
+            if current is not None and tuple(current.shape) != tuple(inputs.shape[:-1]):
+                raise StructuredOBSError(
+                    f"input_hessians: the mask is {tuple(current.shape)} but {_name}'s input is "
+                    f"{tuple(inputs.shape)}; the mask must cover its leading dimensions"
+                )
             hessians[_name].add(inputs, current)
 
         handles.append(module.register_forward_pre_hook(hook))
