@@ -170,9 +170,9 @@ def remove_columns(weight: Tensor, hinv: Tensor, columns: Tensor) -> float:
     block_inv = _spd_inverse(rows_m[:, m])
     lam = w_m @ block_inv  # [rows, |M|]
     eps = float((lam * w_m).sum())
-    weight.sub_(lam @ rows_m)
+    weight.addmm_(lam, rows_m, alpha=-1.0)  # in place: no rows x cols temporary per step
     weight[:, m] = 0.0
-    hinv.sub_(rows_m.T @ block_inv @ rows_m)
+    hinv.addmm_(rows_m.T, block_inv @ rows_m, alpha=-1.0)
     hinv[m, :] = 0.0
     hinv[:, m] = 0.0
     hinv[m, m] = 1.0
