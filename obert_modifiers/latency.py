@@ -422,6 +422,17 @@ def measure_latency_table(
         },
     )
     table.meta["dense_predicted"] = table.dense()
+    load = table.meta["load_average"]
+    cores = os.cpu_count() or 1
+    table.meta["cpu_count"] = cores
+    if load and max(load[0], load[1]) >= cores:
+        # measured: with 2 threads on 2 busy cores, block times jumped 5-10x where ORT splits work
+        warnings.warn(
+            f"latency table measured under load (load average {load[0]:.1f} on {cores} CPUs): its times "
+            f"may be far from a quiet machine's; re-measure with refresh=True when the machine is idle",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return table
 
 
