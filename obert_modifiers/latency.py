@@ -1,0 +1,480 @@
+"""Latency tables for structured pruning, measured on ONNX Runtime or counted in FLOPs.
+
+:func:`latency_table` returns the :class:`~obert_modifiers.algorithms.latency_search.LatencyTable`
+of a BERT-shaped model for one deployment setting (threads, batch, sequence length, precision),
+cached on disk under its key, so the search meets speed-up targets on the runtime users ship.
+
+Measured tables time small ONNX graphs, exported from the same modules (and stand-ins) that
+:mod:`~obert_modifiers.algorithms.shrink` leaves in a shrunk model:
+
+* one attention block with ``k`` heads, ``k = 0..heads`` (0 = the removed-block stand-in);
+* one FFN block with ``n`` neurons on a grid (``ffn_step``) from 0 to the full width;
+* the whole model with every block removed (the ``base``: embeddings, residual LayerNorms, pooler)
+  and the whole dense model (kept in ``meta`` to check the table's prediction);
+
+in interleaved rounds (every graph once per round, median of the rounds), because a table measured
+at another time or load than the models it predicts is badly off. A block's entry is its time
+minus the removed block's, so the per-call overhead of a separate session cancels and ``base``
+holds the stand-ins' LayerNorms once. ``flops_table`` is the no-runtime alternative (MMACs).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from obert_modifiers.algorithms.latency_search import LatencyKey, LatencySearchError, LatencyTable
+from obert_modifiers.errors import ObertError
+
+__all__ = [
+    "LatencyTableError",
+    "cpu_model",
+    "cpu_flags",
+    "shape_key",
+    "flops_table",
+    "measure_latency_table",
+    "latency_table",
+    "table_cache_path",
+]
+
+RUNTIMES = ("onnxruntime", "flops")
+OPSET = 17
+
+
+class LatencyTableError(ObertError, RuntimeError):
+    """A latency table cannot be built or read (the message says which setting or file, and why)."""
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what the platform reports."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags(names: tuple[str, ...] = ("avx2", "avx512f", "avx512_vnni", "avx_vnni")) -> dict[str, bool]:
+    """Which of the named instruction-set flags ``/proc/cpuinfo`` lists (all False where unreadable)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            flags: set[str] = set()
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        flags = set()
+    return {name: name in flags for name in names}
+
+
+def _shape(config: Any) -> dict[str, int]:
+    config = getattr(config, "config", config)  # a model: its config
+    try:
+        return {
+            "hidden_size": int(config.hidden_size),
+            "num_attention_heads": int(config.num_attention_heads),
+            "intermediate_size": int(config.intermediate_size),
+            "num_hidden_layers": int(config.num_hidden_layers),
+        }
+    except AttributeError as exc:
+        raise LatencyTableError(
+            f"latency table: {type(config).__name__} is not a BERT-shaped config ({exc})"
+        ) from None
+
+
+def shape_key(
+    config: Any,
+    *,
+    runtime: str = "onnxruntime",
+    threads: int = 2,
+    batch_size: int = 1,
+    sequence_length: int = 128,
+    precision: str = "fp32",
+) -> LatencyKey:
+    """The table key of a (BERT-shaped) config or model in a deployment setting; the runtime version and
+    the CPU model are filled in for measured runtimes."""
+    if runtime not in RUNTIMES:
+        raise LatencyTableError(f"latency table: runtime must be one of {RUNTIMES}, got {runtime!r}")
+    version, cpu = "", ""
+    if runtime == "onnxruntime":
+        import onnxruntime
+
+        version, cpu = onnxruntime.__version__, cpu_model()
+    try:
+        return LatencyKey(
+            runtime=runtime,
+            threads=threads,
+            batch_size=batch_size,
+            sequence_length=sequence_length,
+            precision=precision,
+            runtime_version=version,
+            cpu=cpu,
+            **_shape(config),
+        )
+    except LatencySearchError as exc:
+        raise LatencyTableError(str(exc)) from None
+
+
+def _ffn_grid(width: int, step: int | None) -> list[int]:
+    step = step or max(1, width // 12)
+    if step < 1:
+        raise LatencyTableError(f"latency table: ffn_step must be >= 1, got {step}")
+    grid = list(range(0, width, step)) + [width]
+    return sorted(set(grid))
+
+
+def flops_table(key: LatencyKey, ffn_step: int | None = None) -> LatencyTable:
+    """Multiply-accumulates (millions) per forward pass, the no-runtime stand-in for time.
+
+    Attention with ``k`` heads: Q/K/V and the output projection (``4 T h k d``) plus the two
+    attention matmuls (``2 T s k d``), ``T = batch * seq`` tokens; an FFN with ``n`` neurons: ``2 T h n``;
+    base: the pooler. Elementwise work is ignored, so FLOPs overstate speed-ups at small widths."""
+    tokens = key.batch_size * key.sequence_length
+    h, d, s = key.hidden_size, key.head_size, key.sequence_length
+    heads = range(key.num_attention_heads + 1)
+    attention = {k: (4 * tokens * h * k * d + 2 * tokens * s * k * d) / 1e6 for k in heads}
+    ffn = {n: 2 * tokens * h * n / 1e6 for n in _ffn_grid(key.intermediate_size, ffn_step)}
+    base = key.batch_size * h * h / 1e6
+    meta = {"source": "flops"}
+    return LatencyTable(key=key, base=base, attention=attention, ffn=ffn, unit="MMAC", meta=meta)
+
+
+def table_cache_path(
+    key: LatencyKey, cache_dir: str | os.PathLike | None = None, ffn_step: int | None = None
+) -> Path:
+    """Where the table of ``key`` (and FFN grid step) is cached: ``cache_dir``, by default
+    ``<obert cache>/latency``."""
+    if cache_dir is None:
+        from obert_modifiers.models import cache_root
+
+        cache_dir = cache_root() / "latency"
+    step = f"-ffn{ffn_step}" if ffn_step else ""
+    return Path(cache_dir) / f"latency-{key.runtime}-{key.precision}-{key.digest()}{step}.json"
+
+
+# --- graphs -------------------------------------------------------------------------------------------
+
+
+def _bert_config(key: LatencyKey):
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=1024,  # gathers cost the same for any vocabulary; a small one keeps files small
+        hidden_size=key.hidden_size,
+        num_hidden_layers=key.num_hidden_layers,
+        num_attention_heads=key.num_attention_heads,
+        intermediate_size=key.intermediate_size,
+        max_position_embeddings=max(512, key.sequence_length),
+    )
+
+
+def _graphs(key: LatencyKey, grid: list[int]) -> list[tuple[str, Any, dict]]:
+    """``(name, module, {input name: example tensor})`` for every graph of the table."""
+    import torch
+    from torch import nn
+    from transformers import BertModel
+    from transformers.models.bert.modeling_bert import BertAttention, BertIntermediate, BertOutput
+
+    from obert_modifiers.algorithms import shrink
+
+    config = _bert_config(key)
+    heads, width = key.num_attention_heads, key.intermediate_size
+    b, s, h = key.batch_size, key.sequence_length, key.hidden_size
+    hidden = torch.randn(b, s, h)
+    mask = torch.zeros(b, 1, 1, s)  # the additive mask BertModel hands its layers
+
+    class Attention(nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.block = block
+
+        def forward(self, hidden_states, attention_mask):
+            return self.block(hidden_states, attention_mask)[0]
+
+    class FeedForward(nn.Module):
+        def __init__(self, intermediate, output):
+            super().__init__()
+            self.intermediate, self.output = intermediate, output
+
+        def forward(self, hidden_states):
+            return self.output(self.intermediate(hidden_states), hidden_states)
+
+    graphs: list[tuple[str, Any, dict]] = []
+    torch.manual_seed(0)
+    for k in range(heads + 1):
+        block = BertAttention(config)
+        block.prune_heads(list(range(k, heads)))
+        if k == 0:
+            block = shrink.RemovedAttention(block)
+        inputs = {"hidden_states": hidden, "attention_mask": mask}
+        graphs.append((f"attention_{k}", Attention(block).eval(), inputs))
+    for n in grid:
+        intermediate, output = BertIntermediate(config), BertOutput(config)
+        if n < width:
+            keep = torch.arange(n)
+            from transformers.pytorch_utils import prune_linear_layer
+
+            intermediate.dense = prune_linear_layer(intermediate.dense, keep, dim=0)
+            output.dense = prune_linear_layer(output.dense, keep, dim=1)
+        if n == 0:
+            intermediate, output = shrink.RemovedIntermediate(intermediate), shrink.RemovedOutput(output)
+        graphs.append((f"ffn_{n}", FeedForward(intermediate, output).eval(), {"hidden_states": hidden}))
+    ids = torch.randint(0, config.vocab_size, (b, s))
+    attention_mask = torch.ones(b, s, dtype=torch.long)
+    dense = BertModel(config).eval()
+    empty = BertModel(config).eval()
+    layers = range(key.num_hidden_layers)
+    shrink.shrink_model(empty, dict.fromkeys(layers, []), dict.fromkeys(layers, []))
+    model_inputs = {"input_ids": ids, "attention_mask": attention_mask}
+    graphs.append(("base", empty, model_inputs))
+    graphs.append(("dense", dense, model_inputs))
+    return graphs
+
+
+def _export(module, inputs: dict, path: Path) -> None:
+    import torch
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TorchScript exporter deprecation, tracer notes
+        torch.onnx.export(
+            module,
+            tuple(inputs.values()),
+            str(path),
+            input_names=list(inputs),
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+
+
+def _quantize(path: Path) -> int:
+    """Rewrite the graph, in place, into ORT's dynamic INT8 form, the INT8 proxy of the table: every
+    ``MatMul`` by a constant 2-D weight becomes ``DynamicQuantizeLinear`` (activations, U8) ->
+    ``MatMulInteger`` (weights S8, symmetric per-tensor) -> ``Cast`` -> ``Mul`` by the two scales,
+    the pattern ``onnxruntime.quantization.quantize_dynamic`` writes and ORT fuses. Done here because
+    that module needs ``ml_dtypes``, which the pinned stack lacks. Returns the MatMuls rewritten."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    weights = {init.name: init for init in graph.initializer}
+    quantized_inputs: dict[str, tuple[str, str, str]] = {}
+    nodes = []
+    count = 0
+    for node in graph.node:
+        weight = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        array = numpy_helper.to_array(weight) if weight is not None else None
+        if array is None or array.ndim != 2 or array.dtype != np.float32:
+            nodes.append(node)
+            continue
+        count += 1
+        x = node.input[0]
+        if x not in quantized_inputs:
+            names = (f"{x}_quant", f"{x}_scale", f"{x}_zero_point")
+            quantize = helper.make_node("DynamicQuantizeLinear", [x], list(names), name=f"{x}_QuantizeLinear")
+            nodes.append(quantize)
+            quantized_inputs[x] = names
+        x_q, x_scale, x_zero = quantized_inputs[x]
+        scale = float(np.abs(array).max()) / 127.0 or 1.0
+        prefix = f"{node.name or node.output[0]}_int8"
+        q = np.clip(np.round(array / scale), -127, 127).astype(np.int8)
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(q, f"{prefix}_weight"),
+                numpy_helper.from_array(np.array(0, dtype=np.int8), f"{prefix}_weight_zero_point"),
+                numpy_helper.from_array(np.array(scale, dtype=np.float32), f"{prefix}_weight_scale"),
+            ]
+        )
+        nodes += [
+            helper.make_node(
+                "MatMulInteger",
+                [x_q, f"{prefix}_weight", x_zero, f"{prefix}_weight_zero_point"],
+                [f"{prefix}_int32"],
+                name=f"{prefix}_MatMulInteger",
+            ),
+            helper.make_node("Cast", [f"{prefix}_int32"], [f"{prefix}_float"], to=TensorProto.FLOAT,
+                             name=f"{prefix}_Cast"),
+            helper.make_node("Mul", [x_scale, f"{prefix}_weight_scale"], [f"{prefix}_scale"],
+                             name=f"{prefix}_ScaleMul"),
+            helper.make_node("Mul", [f"{prefix}_float", f"{prefix}_scale"], list(node.output),
+                             name=f"{prefix}_OutputMul"),
+        ]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return count
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="graph", disable=not enabled, leave=False)
+
+
+def measure_latency_table(
+    key: LatencyKey,
+    *,
+    ffn_step: int | None = None,
+    rounds: int = 3,
+    runs: int = 20,
+    warmup: int = 3,
+    progress: bool = True,
+    clock: Callable[[], float] = time.perf_counter,
+) -> LatencyTable:
+    """Export and time the table's graphs on ONNX Runtime (see the module docstring); no caching here.
+
+    Each round runs every graph ``warmup`` times, then ``runs`` timed times (median); the table holds
+    the median over ``rounds`` interleaved rounds, in milliseconds."""
+    if key.runtime != "onnxruntime":
+        raise LatencyTableError(
+            f"measure_latency_table: runtime {key.runtime!r} is not measured (only onnxruntime is)"
+        )
+    if rounds < 1 or runs < 1 or warmup < 0:
+        raise LatencyTableError(
+            f"latency table: rounds ({rounds}) and runs ({runs}) must be >= 1, warmup ({warmup}) >= 0"
+        )
+    grid = _ffn_grid(key.intermediate_size, ffn_step)
+    started = time.monotonic()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+        graphs = _graphs(key, grid)
+    with tempfile.TemporaryDirectory(prefix="obert-latency-") as tmp:
+        sessions = {}
+        feeds = {}
+        with _progress(len(graphs), "latency table: export", progress) as bar:
+            for name, module, inputs in graphs:
+                path = Path(tmp) / f"{name}.onnx"
+                _export(module, inputs, path)
+                if key.precision == "int8":
+                    _quantize(path)
+                session = _session(path, key.threads)
+                sessions[name] = session
+                # a stand-in ignores the mask, and the exporter drops unused inputs
+                feeds[name] = {arg.name: inputs[arg.name].numpy() for arg in session.get_inputs()}
+                bar.update(1)
+        exported = time.monotonic() - started
+        per_round: dict[str, list[float]] = {name: [] for name in sessions}
+        with _progress(len(sessions) * rounds, "latency table: timing", progress) as bar:
+            for _ in range(rounds):
+                for name, session in sessions.items():
+                    feed = feeds[name]
+                    for _ in range(warmup):
+                        session.run(None, feed)
+                    times = []
+                    for _ in range(runs):
+                        t0 = clock()
+                        session.run(None, feed)
+                        times.append((clock() - t0) * 1e3)
+                    per_round[name].append(statistics.median(times))
+                    bar.update(1)
+    ms = {name: statistics.median(values) for name, values in per_round.items()}
+    attention0, ffn0 = ms["attention_0"], ms["ffn_0"]
+    attention = {k: max(0.0, ms[f"attention_{k}"] - attention0) for k in range(key.num_attention_heads + 1)}
+    ffn = {n: max(0.0, ms[f"ffn_{n}"] - ffn0) for n in grid}
+    table = LatencyTable(
+        key=key,
+        base=ms["base"],
+        attention=attention,
+        ffn=ffn,
+        unit="ms",
+        meta={
+            "source": "measured",
+            "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "rounds": rounds,
+            "runs": runs,
+            "warmup": warmup,
+            "dense_measured": ms["dense"],
+            "removed_blocks_ms": {"attention": attention0, "ffn": ffn0},
+            "cpu_flags": cpu_flags(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "export_s": round(exported, 2),
+            "total_s": round(time.monotonic() - started, 2),
+        },
+    )
+    table.meta["dense_predicted"] = table.dense()
+    load = table.meta["load_average"]
+    cores = os.cpu_count() or 1
+    table.meta["cpu_count"] = cores
+    if load and max(load[0], load[1]) >= cores:
+        # measured: with 2 threads on 2 busy cores, block times jumped 5-10x where ORT splits work
+        warnings.warn(
+            f"latency table measured under load (load average {load[0]:.1f} on {cores} CPUs): its times "
+            f"may be far from a quiet machine's; re-measure with refresh=True when the machine is idle",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return table
+
+
+def latency_table(
+    config: Any,
+    *,
+    runtime: str = "onnxruntime",
+    threads: int = 2,
+    batch_size: int = 1,
+    sequence_length: int = 128,
+    precision: str = "fp32",
+    ffn_step: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    refresh: bool = False,
+    progress: bool = True,
+    **measure: Any,
+) -> LatencyTable:
+    """The latency table of ``config``'s shape in this setting: read from the cache when a table with
+    the same key is there (unless ``refresh``), else measured (``runtime="onnxruntime"``) or counted
+    (``"flops"``) and cached with an atomic write. ``measure`` goes to :func:`measure_latency_table`."""
+    from obert_modifiers.deployment import atomic_write_text
+
+    key = shape_key(
+        config,
+        runtime=runtime,
+        threads=threads,
+        batch_size=batch_size,
+        sequence_length=sequence_length,
+        precision=precision,
+    )
+    if runtime == "flops":
+        return flops_table(key, ffn_step)
+    path = table_cache_path(key, cache_dir, ffn_step)
+    grid = _ffn_grid(key.intermediate_size, ffn_step)
+    if path.is_file() and not refresh:
+        try:
+            cached = LatencyTable.from_json(path.read_text(encoding="utf-8"), source=str(path))
+        except LatencySearchError as exc:
+            raise LatencyTableError(f"{exc}; delete the file or pass refresh=True to re-measure") from None
+        if cached.key == key and sorted(cached.ffn) == grid:
+            return cached
+    table = measure_latency_table(key, ffn_step=ffn_step, progress=progress, **measure)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, table.to_json())
+    return table
