@@ -38,12 +38,14 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing deployment folder"),
     ) -> None:
         from obert_modifiers.export import ExportError, export_deployment
+        from obert_modifiers.runs.logs import log_beside, third_party_logs
 
         target = out if out is not None else model_dir / "deployment"
         try:
-            result = export_deployment(
-                model_dir, target, task=task, sequence_length=sequence_length, overwrite=overwrite
-            )
+            with third_party_logs(log_beside(target)):
+                result = export_deployment(
+                    model_dir, target, task=task, sequence_length=sequence_length, overwrite=overwrite
+                )
         except ExportError as error:
             typer.secho(f"obert export: {error}", err=True, fg="red")
             raise typer.Exit(1) from None
