@@ -161,7 +161,7 @@ def run_logged(
     log_path = Path(log)
     totals: list[int] = []
     last: tuple[int, int] | None = None
-    buffer = b""
+    carry = ""  # text after the last counter seen (a counter may be split across reads)
     with open(log_path, "wb") as handle:
         process = subprocess.Popen(
             list(command),
@@ -176,16 +176,19 @@ def run_logged(
         while chunk := process.stdout.read1(4096):
             handle.write(chunk)
             handle.flush()
-            buffer = (buffer + chunk)[-4096:]
-            matches = PROGRESS_PATTERN.findall(buffer.decode("utf-8", "replace"))
-            if not matches or on_progress is None:
+            if on_progress is None:
                 continue
-            done, total = map(int, matches[-1])
-            if not totals or (total != totals[-1] and done <= 1):
-                totals.append(total)
-            if (done, total) != last:
-                last = (done, total)
-                on_progress(done, total, len(totals) - 1)
+            text = carry + chunk.decode("utf-8", "replace")
+            end = 0
+            for match in PROGRESS_PATTERN.finditer(text):  # every counter, in order
+                done, total = int(match[1]), int(match[2])
+                end = match.end()
+                if not totals or (total != totals[-1] and done <= 1):
+                    totals.append(total)
+                if (done, total) != last:
+                    last = (done, total)
+                    on_progress(done, total, len(totals) - 1)
+            carry = text[end:][-200:]
         code = process.wait()
     if code != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
