@@ -59,6 +59,12 @@ def test_demo_quick_end_to_end(tmp_path):
     assert not any(p.name.startswith(".demo") for p in tmp_path.iterdir())  # staging folder renamed
     assert "latency: onnxruntime" in result.stdout and "test accuracy (PyTorch)" in result.stdout
     assert "hub round trip" in result.stdout
+    # the screen shows the steps, progress and the table; what the libraries log goes to demo.log
+    screen = result.stdout + result.stderr
+    for noise in ("Transformed", "temporary file", "newly initialized", " INFO "):
+        assert noise not in screen, noise
+    log = (out / "demo.log").read_text()
+    assert "sparseml.exporters.transforms" in log and "deepsparse.utils.onnx" in log
 
 
 @pytest.mark.integration
@@ -148,10 +154,13 @@ def test_library_logs_go_to_the_file_and_come_back_after(tmp_path, capsys):
 def test_run_logged_logs_everything_reports_progress_and_names_the_failure(tmp_path):
     from obert_modifiers.runs.stock import StockRunError, run_logged
 
-    script = (
+    script = (  # tqdm's bars as the stock script prints them; bars with a description are other work
         "import sys\n"
-        "for i in range(1, 4): print(f'\\r{i}/3 [00:01<00:00]', end='', file=sys.stderr, flush=True)\n"
-        "print('\\n1/2 [eval'); print('2/2 [eval'); print('boom: the tail'); sys.exit(3)\n"
+        "print('Running tokenizer on dataset:  50%|#    | 1/2 [00:00<00:00]', flush=True)\n"
+        "for i in range(1, 4): print(f'\\r 33%|###   | {i}/3 [00:01]', end='', file=sys.stderr, flush=True)\n"
+        "print('\\rCollecting gradients:  50%|##  | 1/64 [00:01<00:01]', end='', flush=True)\n"
+        "print('\\n  50%|#####     | 1/2 [eval'); print('100%|##########| 2/2 [eval')\n"
+        "print('boom: the tail'); sys.exit(3)\n"
     )
     seen = []
     log = tmp_path / "train.log"
@@ -159,8 +168,7 @@ def test_run_logged_logs_everything_reports_progress_and_names_the_failure(tmp_p
         run_logged([sys.executable, "-c", script], log, lambda *a: seen.append(a), what="training")
     assert "boom: the tail" in str(error.value)  # the log's last lines
     assert "1/3 [" in log.read_text() and "boom" in log.read_text()
-    assert seen[0] == (1, 3, 0) and (3, 3, 0) in seen  # training bar
-    assert seen[-1] == (2, 2, 1)  # then the first evaluation bar
+    assert seen == [(1, 3, 0), (2, 3, 0), (3, 3, 0), (1, 2, 1), (2, 2, 1)]  # training, then evaluation
 
 
 @pytest.mark.integration

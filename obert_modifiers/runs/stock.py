@@ -33,8 +33,10 @@ OFFLINE_ENV: dict[str, str] = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 STOCK_SCRIPT = "sparseml.transformers.train.text_classification"
-# tqdm's "12/40 [" step counter, as the stock script prints it (training first, then evaluation)
-PROGRESS_PATTERN = re.compile(r"(\d+)/(\d+) \[")
+# The trainer's tqdm counter, " 30%|███       | 12/40 [" at the start of a line: training first, then
+# one bar per evaluation. Bars with a description ("Running tokenizer on dataset: ...", the oBERT
+# modifier's "Collecting gradients: ...") are other work and are not counted.
+PROGRESS_PATTERN = re.compile(r"(?:^|[\r\n]) *\d+%\|[^|\r\n]*\| *(\d+)/(\d+) \[")
 LOG_TAIL_LINES = 25
 
 
