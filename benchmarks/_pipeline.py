@@ -118,90 +118,99 @@ def run_stages(
     Each stage is the stock command run by ``obert_modifiers.runs.stock.run_logged`` in a worker
     thread (its output in ``<work>/<stage>.log``); every 30 s one line shows each running stage's
     step counter. When a stage fails, the others are stopped and the error names its log."""
-    from obert_modifiers.models import minilm_l6_dir
-
     by_name = {s.name: s for s in stages}
+    for stage in stages:
+        needs = [n for n in (stage.parent, stage.teacher) if n]
+        if any(n not in by_name for n in needs):
+            raise ValueError(f"stage {stage.name}: unknown parent/teacher {needs}")
     keys: dict[str, str] = {}
     done: dict[str, Path] = {}
     pending = list(stages)
     running: dict[Future, str] = {}
-    processes: dict[str, subprocess.Popen] = {}
-    progress: dict[str, str] = {}
-    lock = threading.Lock()
-    last_report = time.perf_counter()
+    watch = _Watch()
     work.mkdir(parents=True, exist_ok=True)
-
-    def train(stage: Stage, command: list[str], log_path: Path) -> float:
-        def show(step: int, total: int, bar: int) -> None:
-            with lock:
-                progress[stage.name] = f"{step}/{total} steps" if bar == 0 else f"evaluation {step}/{total}"
-
-        def started(process: subprocess.Popen) -> None:
-            with lock:
-                processes[stage.name] = process
-
-        began = time.perf_counter()
-        run_logged(
-            command, log_path, show, cwd=work, what=f"stage {stage.name}", on_start=started,
-            env=offline_env(training.get("threads", 1), HF_DATASETS_CACHE=str(work / ".hf-cache")),
-        )  # fmt: skip
-        return time.perf_counter() - began
-
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         while pending or running:
-            for stage in list(pending):  # start what is ready
-                needs = [n for n in (stage.parent, stage.teacher) if n]
-                if any(n not in by_name for n in needs):
-                    raise ValueError(f"stage {stage.name}: unknown parent/teacher {needs}")
-                if not all(n in done for n in needs):
-                    continue
+            for stage in [s for s in pending if all(n in done for n in (s.parent, s.teacher) if n)]:
                 key = stage.key(keys, training)
-                out = work / stage.name
-                marker = out / "stage.json"
+                marker = work / stage.name / "stage.json"
                 if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
-                    print(f"[pipeline] {stage.name}: reusing {out}", flush=True)
-                    keys[stage.name], done[stage.name] = key, out
+                    print(f"[pipeline] {stage.name}: reusing {marker.parent}", flush=True)
+                    keys[stage.name], done[stage.name] = key, marker.parent
                     pending.remove(stage)
-                    continue
-                if len(running) >= jobs:
-                    continue
-                start = clean_start(
-                    done[stage.parent] if stage.parent else minilm_l6_dir(), work / f".{stage.name}-start"
-                )
-                teacher = done[stage.teacher] if stage.teacher else None
-                if out.exists():
-                    shutil.rmtree(out)
-                log_path = work / f"{stage.name}.log"
-                command = _command(stage, start, teacher, data, out, training)
-                keys[stage.name] = key
-                running[pool.submit(train, stage, command, log_path)] = stage.name
-                pending.remove(stage)
-                print(f"[pipeline] {stage.name}: training ({stage.recipe}, log {log_path})", flush=True)
-            if not running:
-                continue
-            finished, _ = wait(running, timeout=30, return_when=FIRST_COMPLETED)
-            for future in finished:  # collect what finished
+                elif len(running) < jobs:
+                    keys[stage.name] = key
+                    running[pool.submit(_train_stage, stage, work, data, training, done, watch)] = stage.name
+                    pending.remove(stage)
+            finished = wait(running, timeout=30, return_when=FIRST_COMPLETED)[0] if running else ()
+            for future in finished:
                 name = running.pop(future)
-                error = future.exception()
-                if error is not None:
-                    with lock:
-                        for other in running.values():
-                            if other in processes:
-                                processes[other].terminate()
-                    raise error
-                seconds = future.result()
-                out, stage = work / name, by_name[name]
-                marker = {"key": keys[name], "stage": stage.__dict__, "training": training}
-                (out / "stage.json").write_text(json.dumps({**marker, "train_seconds": seconds}, indent=2))
+                if future.exception() is not None:
+                    watch.stop(running.values())
+                    raise future.exception()
+                marker = {"key": keys[name], "stage": by_name[name].__dict__, "training": training}
+                stage_json = {**marker, "train_seconds": future.result()}
+                (work / name / "stage.json").write_text(json.dumps(stage_json, indent=2))
                 shutil.rmtree(work / f".{name}-start", ignore_errors=True)
-                done[name] = out
-                print(f"[pipeline] {name}: trained in {seconds:.0f} s", flush=True)
-            if running and time.perf_counter() - last_report > 30:
-                last_report = time.perf_counter()
-                with lock:
-                    line = " | ".join(f"{n} {progress.get(n, 'starting')}" for n in running.values())
-                print(f"[pipeline] {line}", flush=True)
+                done[name] = work / name
+                print(f"[pipeline] {name}: trained in {future.result():.0f} s", flush=True)
+            watch.report(running.values())
     return done
+
+
+class _Watch:
+    """The running stages' processes and step counters, shared with the worker threads."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.progress: dict[str, str] = {}
+        self.last_report = time.perf_counter()
+
+    def report(self, names) -> None:
+        names = list(names)
+        if names and time.perf_counter() - self.last_report > 30:
+            self.last_report = time.perf_counter()
+            with self.lock:
+                line = " | ".join(f"{n} {self.progress.get(n, 'starting')}" for n in names)
+            print(f"[pipeline] {line}", flush=True)
+
+    def stop(self, names) -> None:
+        with self.lock:
+            for name in names:
+                if name in self.processes:
+                    self.processes[name].terminate()
+
+
+def _train_stage(
+    stage: Stage, work: Path, data: Path, training: dict[str, Any], done: dict[str, Path], watch: _Watch
+) -> float:
+    """Train one stage from a clean copy of its parent (a worker thread); returns its seconds."""
+    from obert_modifiers.models import minilm_l6_dir
+
+    parent = done[stage.parent] if stage.parent else minilm_l6_dir()
+    start = clean_start(parent, work / f".{stage.name}-start")
+    out = work / stage.name
+    if out.exists():
+        shutil.rmtree(out)
+    log_path = work / f"{stage.name}.log"
+    command = _command(stage, start, done[stage.teacher] if stage.teacher else None, data, out, training)
+    print(f"[pipeline] {stage.name}: training ({stage.recipe}, log {log_path})", flush=True)
+
+    def show(step: int, total: int, bar: int) -> None:
+        with watch.lock:
+            watch.progress[stage.name] = f"{step}/{total} steps" if bar == 0 else f"evaluation {step}/{total}"
+
+    def started(process: subprocess.Popen) -> None:
+        with watch.lock:
+            watch.processes[stage.name] = process
+
+    began = time.perf_counter()
+    run_logged(
+        command, log_path, show, cwd=work, what=f"stage {stage.name}", on_start=started,
+        env=offline_env(training.get("threads", 1), HF_DATASETS_CACHE=str(work / ".hf-cache")),
+    )  # fmt: skip
+    return time.perf_counter() - began
 
 
 def train_seconds(model_dir: Path) -> float | None:

@@ -86,9 +86,7 @@ def _step_data(run: DemoRun) -> None:
 
 
 def _step_train(run: DemoRun) -> None:
-    """Fine-tune + compress with the stock command, its tqdm counter shown as a progress bar."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+    """Fine-tune + compress with the stock command."""
     from obert_modifiers import models
 
     labels = run.results["data"]["labels"]
@@ -107,6 +105,19 @@ def _step_train(run: DemoRun) -> None:
     )  # fmt: skip
     run.console.print(f"[dim]{STOCK_SCRIPT} --recipe {run.recipe} ... (log: train.log in the output folder)")
     cache = run.work / "hf-datasets-cache"  # fresh: stale Arrow caches mislead
+    _run_with_progress_bar(run, command, offline_env(HF_DATASETS_CACHE=str(cache)))
+    # The optimizer/scheduler state (2x the weights) is only needed to resume; without it the folder
+    # is also a valid starting point for `obert train` (which refuses folders that hold it).
+    for name in ("optimizer.pt", "scheduler.pt"):
+        (model_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(cache, ignore_errors=True)
+    run.results["model_dir"] = model_dir
+
+
+def _run_with_progress_bar(run: DemoRun, command: list[str], env: dict[str, str]) -> None:
+    """Run the stock command (output in ``train.log``), its trainer's tqdm counter as a rich bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=run.console,
@@ -118,18 +129,9 @@ def _step_train(run: DemoRun) -> None:
             progress.update(task, description=label, completed=done, total=total)
 
         try:
-            run_logged(
-                command, run.work / "train.log", show, cwd=run.work,
-                env=offline_env(HF_DATASETS_CACHE=str(cache)), what="training",
-            )  # fmt: skip
+            run_logged(command, run.work / "train.log", show, cwd=run.work, env=env, what="training")
         except StockRunError as error:
             raise DemoError(str(error)) from None
-    # The optimizer/scheduler state (2x the weights) is only needed to resume; without it the folder
-    # is also a valid starting point for `obert train` (which refuses folders that hold it).
-    for name in ("optimizer.pt", "scheduler.pt"):
-        (model_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(cache, ignore_errors=True)
-    run.results["model_dir"] = model_dir
 
 
 def _step_evaluate(run: DemoRun) -> None:

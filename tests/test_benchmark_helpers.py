@@ -182,3 +182,39 @@ def test_stage_commands_come_from_the_packages_builder():
     teacher = pipeline._command(stage, Path("start"), Path("t"), Path("data"), Path("out"), training)
     assert teacher[teacher.index("--distill_teacher") + 1] == "t"
     assert not hasattr(pipeline, "OFFLINE") and not hasattr(pipeline, "test_accuracy")
+
+
+def test_run_stages_trains_parents_first_reuses_finished_ones_names_a_failure(tmp_path, monkeypatch, capsys):
+    """The scheduler on stand-in commands (each writes its output folder and prints a trainer-like
+    counter): a child starts from a clean copy of its parent, a rerun reuses both, a failing stage
+    raises naming its log."""
+    import json
+
+    from obert_modifiers.runs.stock import StockRunError
+
+    code = (
+        "import sys, pathlib; out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True); "
+        "(out / 'start.txt').write_text(sys.argv[2]); print(' 50%|#   | 1/2 [00:01]', flush=True); "
+        "sys.exit(3 if out.name == 'broken' else 0)"
+    )
+
+    def command(stage, start, teacher, data, out, training):
+        return [sys.executable, "-c", code, str(out), str(start)]
+
+    monkeypatch.setattr(pipeline, "_command", command)
+    stages = [
+        pipeline.Stage("dense", "minilm_teacher.yaml"),
+        pipeline.Stage("child", "minilm_6l_prune.yaml", {"num_grads": 8}, parent="dense", teacher="dense"),
+    ]
+    done = pipeline.run_stages(stages, tmp_path, tmp_path / "data", {"seq": 64}, jobs=2)
+    assert done == {"dense": tmp_path / "dense", "child": tmp_path / "child"}
+    assert (tmp_path / "child" / "start.txt").read_text() == str(tmp_path / ".child-start")
+    assert not (tmp_path / ".child-start").exists()  # the clean start copy is removed after training
+    keys = {n: json.loads((tmp_path / n / "stage.json").read_text())["key"] for n in done}
+    assert "1/2 [" in (tmp_path / "child.log").read_text()
+    capsys.readouterr()
+    assert pipeline.run_stages(stages, tmp_path, tmp_path / "data", {"seq": 64}) == done
+    assert capsys.readouterr().out.count("reusing") == 2
+    assert {n: json.loads((tmp_path / n / "stage.json").read_text())["key"] for n in done} == keys
+    with pytest.raises(StockRunError, match=r"stage broken failed \(exit 3\); log: .*broken\.log"):
+        pipeline.run_stages([pipeline.Stage("broken", "minilm_teacher.yaml")], tmp_path, tmp_path, {})
