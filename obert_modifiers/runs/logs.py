@@ -12,7 +12,8 @@ Inside :func:`third_party_logs` every record goes to one file instead:
 - warnings are captured into logging (``py.warnings``).
 
 The run's own progress bars and messages (``tqdm``/``rich`` on the console, not logging) stay on the
-screen.
+screen, and so do the two lines DeepSparse's native engine prints when it first loads (its banner and
+a CPU-feature warning: written by C++ straight to the terminal, not through Python).
 
 Everything is restored on exit. Used by ``obert demo`` and ``obert export``.
 """
