@@ -56,9 +56,11 @@ setup(
     long_description=long_description,
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.10,<3.12",
+    python_requires=">=3.11,<3.12",
     packages=find_packages(include=["obert_modifiers", "obert_modifiers.*"]),
-    package_data={"obert_modifiers": ["*.pth", "_metric_scripts/*.py", "zoo/templates/*", "zoo/static/*"]},
+    package_data={
+        "obert_modifiers": ["*.pth", "recipes/*.yaml", "_metric_scripts/*.py", "zoo/templates/*", "zoo/static/*"]
+    },
     include_package_data=True,
     cmdclass={"build_py": BuildPyWithHook, "editable_wheel": EditableWheelWithHook},
     install_requires=[

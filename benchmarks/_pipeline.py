@@ -1,4 +1,5 @@
-"""The training -> export -> measurement pipeline shared by ``reproduce.py`` and ``compound.py``.
+"""Stage caching and scheduling for the benchmarks that train (``reproduce.py``, ``compound.py``,
+``recovery_schedules.py``).
 
 A *stage* is one run of the STOCK ``sparseml.transformers.train.text_classification`` script with
 one of the recipe files in ``recipes/`` (variables overridden with ``--recipe_args``), starting
@@ -7,35 +8,32 @@ stage. Stages are cached: a finished stage folder holds ``stage.json`` with a ke
 everything that determines it (recipe text, arguments, parent key, data slice, training flags),
 so scripts sharing a work folder reuse each other's runs and an interrupted run resumes at the
 first unfinished stage. Independent stages run side by side (``jobs``), one OMP thread each.
+
+What is not benchmark-specific comes from the package, as ``obert demo`` and the tests use it:
+the offline environment, the stock command and its logged run (``obert_modifiers.runs.stock``) and
+the accuracy of an exported model (``obert_modifiers.runs.evaluate``).
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import itertools
 import json
-import os
-import re
 import shutil
 import statistics
 import subprocess
-import sys
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from obert_modifiers.runs.stock import offline_env, run_logged, train_command
+
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
-OFFLINE = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "NM_DISABLE_ANALYTICS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 START_FILES = (
     "config.json",
     "pytorch_model.bin",
@@ -46,13 +44,6 @@ START_FILES = (
     "special_tokens_map.json",
     "vocab.txt",
 )
-_PROGRESS = re.compile(rb"(\d+)/(\d+) \[")
-
-
-def offline_env(threads: int = 1) -> dict[str, str]:
-    env = {**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
-    return env
-
 
 @dataclass
 class Stage:
@@ -95,21 +86,11 @@ def clean_start(model_dir: Path, out: Path) -> Path:
 def _command(
     stage: Stage, start: Path, teacher: Path | None, data: Path, out: Path, training: dict
 ) -> list[str]:
-    script = Path(sys.executable).with_name("sparseml.transformers.train.text_classification")
-    command = [
-        str(script), "--model_name_or_path", str(start),
-        "--train_file", str(data / "train.csv"), "--validation_file", str(data / "validation.csv"),
-        "--do_train", "--do_eval", "--max_seq_length", str(training["seq"]),
-        "--per_device_train_batch_size", str(training["batch_size"]), "--per_device_eval_batch_size", "64",
-        "--output_dir", str(out), "--overwrite_output_dir", "--report_to", "none",
-        "--save_strategy", "no", "--save_safetensors", "False", "--seed", str(training["seed"]),
-        "--dataloader_num_workers", "0", "--logging_steps", "50",
-        "--recipe", str(RECIPES / stage.recipe),
-    ]  # fmt: skip
-    if stage.recipe_args:
-        command += ["--recipe_args", json.dumps(stage.recipe_args)]
-    command += ["--distill_teacher", str(teacher) if teacher else "disable"]
-    return command
+    return train_command(
+        start, data, out, RECIPES / stage.recipe, seq=training["seq"], batch=training["batch_size"],
+        seed=training["seed"], recipe_args=stage.recipe_args, teacher=teacher or "disable",
+        logging_steps=50, evaluate=True, final_bin_only=True,
+    )  # fmt: skip
 
 
 def command_line(stage: Stage, training: dict) -> str:
@@ -132,100 +113,104 @@ def command_line(stage: Stage, training: dict) -> str:
 def run_stages(
     stages: Sequence[Stage], work: Path, data: Path, training: dict[str, Any], jobs: int = 1
 ) -> dict[str, Path]:
-    """Train every stage (parents first, up to ``jobs`` at a time); return name -> model folder."""
-    from obert_modifiers.models import minilm_l6_dir
+    """Train every stage (parents first, up to ``jobs`` at a time); return name -> model folder.
 
+    Each stage is the stock command run by ``obert_modifiers.runs.stock.run_logged`` in a worker
+    thread (its output in ``<work>/<stage>.log``); every 30 s one line shows each running stage's
+    step counter. When a stage fails, the others are stopped and the error names its log."""
     by_name = {s.name: s for s in stages}
+    for stage in stages:
+        needs = [n for n in (stage.parent, stage.teacher) if n]
+        if any(n not in by_name for n in needs):
+            raise ValueError(f"stage {stage.name}: unknown parent/teacher {needs}")
     keys: dict[str, str] = {}
     done: dict[str, Path] = {}
     pending = list(stages)
-    running: dict[str, tuple[subprocess.Popen, Path, float, Any]] = {}
-    last_report = 0.0
+    running: dict[Future, str] = {}
+    watch = _Watch()
     work.mkdir(parents=True, exist_ok=True)
-    while pending or running:
-        # start what is ready
-        for stage in list(pending):
-            needs = [n for n in (stage.parent, stage.teacher) if n]
-            if any(n not in by_name for n in needs):
-                raise ValueError(f"stage {stage.name}: unknown parent/teacher {needs}")
-            if not all(n in done for n in needs):
-                continue
-            key = stage.key(keys, training)
-            out = work / stage.name
-            marker = out / "stage.json"
-            if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
-                print(f"[pipeline] {stage.name}: reusing {out}", flush=True)
-                keys[stage.name], done[stage.name] = key, out
-                pending.remove(stage)
-                continue
-            if len(running) >= jobs:
-                continue
-            start = clean_start(
-                done[stage.parent] if stage.parent else minilm_l6_dir(), work / f".{stage.name}-start"
-            )
-            teacher = done[stage.teacher] if stage.teacher else None
-            if out.exists():
-                shutil.rmtree(out)
-            log_path = work / f"{stage.name}.log"
-            log = open(log_path, "wb")  # noqa: SIM115 - closed when the process ends
-            process = subprocess.Popen(
-                _command(stage, start, teacher, data, out, training),
-                cwd=work,
-                env={**offline_env(training.get("threads", 1)), "HF_DATASETS_CACHE": str(work / ".hf-cache")},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-            keys[stage.name] = key
-            running[stage.name] = (process, log_path, time.perf_counter(), log)
-            pending.remove(stage)
-            print(f"[pipeline] {stage.name}: training ({stage.recipe}, log {log_path})", flush=True)
-        # collect what finished
-        for name, (process, log_path, began, log) in list(running.items()):
-            code = process.poll()
-            if code is None:
-                continue
-            log.close()
-            del running[name]
-            if code != 0:
-                for proc, *_rest in running.values():
-                    proc.terminate()
-                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
-                raise RuntimeError(f"stage {name} failed (exit {code}); log {log_path}:\n{tail}")
-            seconds = time.perf_counter() - began
-            out = work / name
-            stage = by_name[name]
-            (out / "stage.json").write_text(
-                json.dumps(
-                    {
-                        "key": keys[name],
-                        "stage": stage.__dict__,
-                        "training": training,
-                        "train_seconds": seconds,
-                    },
-                    indent=2,
-                )
-            )
-            shutil.rmtree(work / f".{name}-start", ignore_errors=True)
-            done[name] = out
-            print(f"[pipeline] {name}: trained in {seconds:.0f} s", flush=True)
-        if running and time.perf_counter() - last_report > 30:
-            last_report = time.perf_counter()
-            print(
-                "[pipeline] " + " | ".join(f"{n} {_progress(r[1])}" for n, r in running.items()), flush=True
-            )
-        if running:
-            time.sleep(2)
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        while pending or running:
+            for stage in [s for s in pending if all(n in done for n in (s.parent, s.teacher) if n)]:
+                key = stage.key(keys, training)
+                marker = work / stage.name / "stage.json"
+                if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+                    print(f"[pipeline] {stage.name}: reusing {marker.parent}", flush=True)
+                    keys[stage.name], done[stage.name] = key, marker.parent
+                    pending.remove(stage)
+                elif len(running) < jobs:
+                    keys[stage.name] = key
+                    running[pool.submit(_train_stage, stage, work, data, training, done, watch)] = stage.name
+                    pending.remove(stage)
+            finished = wait(running, timeout=30, return_when=FIRST_COMPLETED)[0] if running else ()
+            for future in finished:
+                name = running.pop(future)
+                if future.exception() is not None:
+                    watch.stop(running.values())
+                    raise future.exception()
+                marker = {"key": keys[name], "stage": by_name[name].__dict__, "training": training}
+                stage_json = {**marker, "train_seconds": future.result()}
+                (work / name / "stage.json").write_text(json.dumps(stage_json, indent=2))
+                shutil.rmtree(work / f".{name}-start", ignore_errors=True)
+                done[name] = work / name
+                print(f"[pipeline] {name}: trained in {future.result():.0f} s", flush=True)
+            watch.report(running.values())
     return done
 
 
-def _progress(log_path: Path) -> str:
-    try:
-        with open(log_path, "rb") as handle:
-            handle.seek(max(0, log_path.stat().st_size - 4096))
-            found = _PROGRESS.findall(handle.read())
-    except OSError:
-        return "starting"
-    return f"{found[-1][0].decode()}/{found[-1][1].decode()} steps" if found else "starting"
+class _Watch:
+    """The running stages' processes and step counters, shared with the worker threads."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.progress: dict[str, str] = {}
+        self.last_report = time.perf_counter()
+
+    def report(self, names) -> None:
+        names = list(names)
+        if names and time.perf_counter() - self.last_report > 30:
+            self.last_report = time.perf_counter()
+            with self.lock:
+                line = " | ".join(f"{n} {self.progress.get(n, 'starting')}" for n in names)
+            print(f"[pipeline] {line}", flush=True)
+
+    def stop(self, names) -> None:
+        with self.lock:
+            for name in names:
+                if name in self.processes:
+                    self.processes[name].terminate()
+
+
+def _train_stage(
+    stage: Stage, work: Path, data: Path, training: dict[str, Any], done: dict[str, Path], watch: _Watch
+) -> float:
+    """Train one stage from a clean copy of its parent (a worker thread); returns its seconds."""
+    from obert_modifiers.models import minilm_l6_dir
+
+    parent = done[stage.parent] if stage.parent else minilm_l6_dir()
+    start = clean_start(parent, work / f".{stage.name}-start")
+    out = work / stage.name
+    if out.exists():
+        shutil.rmtree(out)
+    log_path = work / f"{stage.name}.log"
+    command = _command(stage, start, done[stage.teacher] if stage.teacher else None, data, out, training)
+    print(f"[pipeline] {stage.name}: training ({stage.recipe}, log {log_path})", flush=True)
+
+    def show(step: int, total: int, bar: int) -> None:
+        with watch.lock:
+            watch.progress[stage.name] = f"{step}/{total} steps" if bar == 0 else f"evaluation {step}/{total}"
+
+    def started(process: subprocess.Popen) -> None:
+        with watch.lock:
+            watch.processes[stage.name] = process
+
+    began = time.perf_counter()
+    run_logged(
+        command, log_path, show, cwd=work, what=f"stage {stage.name}", on_start=started,
+        env=offline_env(training.get("threads", 1), HF_DATASETS_CACHE=str(work / ".hf-cache")),
+    )  # fmt: skip
+    return time.perf_counter() - began
 
 
 def train_seconds(model_dir: Path) -> float | None:
@@ -240,26 +225,28 @@ def eval_results(model_dir: Path) -> dict[str, Any]:
 
 
 def export(model_dir: Path, target: Path, reuse: bool = False):
-    """Deployment folder for ``model_dir`` (parity-checked by export_deployment)."""
+    """Deployment folder for ``model_dir`` (parity-checked by export_deployment). With ``reuse``, an
+    existing folder exported from the same weights (older than its manifest, ``model.onnx`` intact)
+    is kept."""
+    from obert_modifiers.deployment import DeploymentManifest, read_manifest_if_any, sha256_file
     from obert_modifiers.export import ExportResult, export_deployment
-    from obert_modifiers.zoo.client import sha256_file
 
-    manifest_path = target / "export.json"
-    if reuse and manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
+    manifest: DeploymentManifest | None = read_manifest_if_any(target) if reuse else None
+    if manifest is not None:
+        written = (target / "export.json").stat().st_mtime
         weights = [f for f in model_dir.iterdir() if f.suffix in (".bin", ".safetensors")]
-        newer = all(manifest_path.stat().st_mtime > f.stat().st_mtime for f in weights)
-        recorded = manifest.get("onnx_sha256")
+        newer = all(written > f.stat().st_mtime for f in weights)
+        recorded = manifest.onnx_sha256
         intact = recorded is None or recorded == sha256_file(target / "model.onnx")
-        if manifest.get("source_model") == str(model_dir) and weights and newer and intact:
+        if manifest.source_model == str(model_dir) and weights and newer and intact:
             return ExportResult(
                 path=target,
-                max_abs_diff=manifest["parity"]["max_abs_diff"],
-                tolerance=manifest["parity"]["tolerance"],
-                quantized=manifest["quantized"],
-                sparsity=manifest["sparsity"]["overall"],
+                max_abs_diff=manifest.parity.max_abs_diff,
+                tolerance=manifest.parity.tolerance,
+                quantized=manifest.quantized,
+                sparsity=manifest.sparsity.overall,
                 onnx_bytes=(target / "model.onnx").stat().st_size,
-                num_layers=manifest["num_layers"],
+                num_layers=manifest.num_layers or 0,
             )
     return export_deployment(model_dir, target, sequence_length=128, overwrite=True)
 
@@ -301,50 +288,10 @@ def fp32_twin(model_dir: Path, out: Path) -> Path:
     return out
 
 
-def predictions(deployment: Path, texts: Sequence[str], max_length: int = 128):
-    """ONNX Runtime logits of the exported model for ``texts`` (batches of 64)."""
-    import numpy as np
-    import onnxruntime as ort
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(deployment))
-    session = ort.InferenceSession(str(deployment / "model.onnx"), providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    out = []
-    for start in range(0, len(texts), 64):
-        encoded = tokenizer(
-            list(texts[start : start + 64]),
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="np",
-        )
-        out.append(session.run(None, {n: encoded[n].astype(np.int64) for n in names})[0])
-    return np.concatenate(out)
-
-
-def read_split(csv_path: Path, max_rows: int | None = None) -> tuple[list[str], list[str]]:
-    with open(csv_path, newline="") as handle:
-        rows = list(csv.DictReader(handle))[: max_rows or None]
-    return [r["sentence"] for r in rows], [r["label"] for r in rows]
-
-
-def test_correct(deployment: Path, rows: Sequence[tuple[str, str]]) -> list[bool]:
-    """Per snippet of ``rows`` ((sentence, label name)): is the exported model right (ONNX Runtime)?"""
-    config = json.loads((deployment / "config.json").read_text())
-    id2label = {int(k): v for k, v in config["id2label"].items()}
-    predicted = predictions(deployment, [s for s, _ in rows]).argmax(-1)
-    return [id2label[int(p)] == label for p, (_, label) in zip(predicted, rows, strict=True)]
-
-
-def test_accuracy(deployment: Path, test_csv: Path, max_rows: int | None = None) -> float:
-    """Accuracy of the exported model.onnx (ONNX Runtime) on the test split."""
-    correct = test_correct(deployment, list(zip(*read_split(test_csv, max_rows), strict=True)))
-    return sum(correct) / len(correct)
-
-
 def num_parameters(deployment: Path) -> int:
-    return int(json.loads((deployment / "export.json").read_text())["num_parameters"])
+    from obert_modifiers.deployment import DeploymentManifest
+
+    return DeploymentManifest.read(deployment).num_parameters
 
 
 def time_deployments(

@@ -3,6 +3,10 @@
 Each benchmark owns one section of docs/results.md between ``<!-- BEGIN name -->`` and
 ``<!-- END name -->`` markers and rewrites only that section, so figures in the docs always come
 from a script run, never from hand edits.
+
+A smoke run (``--quick``: a small slice and a few steps, whose accuracies say nothing) is not a
+result: with ``smoke=True`` its JSON, plot and markdown go to ``runs/results-quick/`` (not tracked),
+and docs/ is left alone.
 """
 
 from __future__ import annotations
@@ -18,6 +22,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "docs" / "results"
 RESULTS_MD = ROOT / "docs" / "results.md"
+SCRATCH_DIR = ROOT / "runs" / "results-quick"
+
+
+def results_dir(smoke: bool = False) -> Path:
+    """Where a run's JSON and plots go: docs/results/, or the scratch folder for a smoke run."""
+    folder = SCRATCH_DIR if smoke else RESULTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def machine_info() -> dict:
@@ -41,9 +53,8 @@ def machine_info() -> dict:
     return info
 
 
-def write_json(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+def write_json(name: str, payload: dict[str, Any], smoke: bool = False) -> Path:
+    path = results_dir(smoke) / f"{name}.json"
     payload = {"machine": machine_info(), **payload}
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path
@@ -60,8 +71,13 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def update_results_section(name: str, markdown: str) -> Path:
-    """Replace (or append) the ``name`` section of docs/results.md with ``markdown``."""
+def update_results_section(name: str, markdown: str, smoke: bool = False) -> Path:
+    """Replace (or append) the ``name`` section of docs/results.md with ``markdown``; a smoke run
+    writes ``<scratch>/<name>.md`` instead (its figure links point beside it)."""
+    if smoke:
+        path = results_dir(smoke=True) / f"{name}.md"
+        path.write_text(markdown.replace("](results/", "](").strip() + "\n")
+        return path
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     block = f"{begin}\n{markdown.strip()}\n{end}"
     text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Results\n"

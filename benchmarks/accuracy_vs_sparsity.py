@@ -10,8 +10,8 @@ computed on the fixed test split (1,913 snippets) from the saved model.
     python benchmarks/accuracy_vs_sparsity.py --quick    # smoke run: tiny slice, 1 epoch, minutes
 
 Writes ``docs/results/accuracy_vs_sparsity.{json,png}`` and the ``accuracy_vs_sparsity`` section
-of ``docs/results.md`` (``--quick`` writes ``accuracy_vs_sparsity_quick`` instead, so a smoke run
-never overwrites a full result).
+of ``docs/results.md``; ``--quick`` writes the same files to ``runs/results-quick/`` (a smoke run is
+not a result and never overwrites one).
 """
 
 from __future__ import annotations
@@ -135,6 +135,7 @@ def encoder_sparsity(model_dir: Path) -> float:
 
 def run(method: str, sparsity: float, args: argparse.Namespace, data_dir: Path, work: Path) -> dict:
     from obert_modifiers.models import minilm_l6_dir
+    from obert_modifiers.runs.stock import offline_env, train_command
 
     name = "dense" if method == "dense" else f"{method}{int(round(sparsity * 100))}"
     out = work / name
@@ -148,46 +149,11 @@ def run(method: str, sparsity: float, args: argparse.Namespace, data_dir: Path, 
             return row
     recipe = work / f"{name}.yaml"
     recipe.write_text(recipe_text)
-    command = [
-        str(Path(sys.executable).parent / "sparseml.transformers.train.text_classification"),
-        "--model_name_or_path",
-        str(minilm_l6_dir()),
-        "--train_file",
-        str(data_dir / "train.csv"),
-        "--validation_file",
-        str(data_dir / "validation.csv"),
-        "--do_train",
-        "--max_seq_length",
-        str(args.seq_len),
-        "--per_device_train_batch_size",
-        str(args.batch_size),
-        "--output_dir",
-        str(out),
-        "--overwrite_output_dir",
-        "--report_to",
-        "none",
-        "--save_strategy",
-        "no",
-        "--save_safetensors",
-        "False",
-        "--seed",
-        str(args.seed),
-        "--learning_rate",
-        str(args.lr),
-        "--recipe",
-        str(recipe),
-        "--logging_steps",
-        "50",
-    ]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": str(args.threads),
-        "NM_DISABLE_ANALYTICS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+    command = train_command(
+        minilm_l6_dir(), data_dir, out, recipe, seq=args.seq_len, batch=args.batch_size, seed=args.seed,
+        logging_steps=50, final_bin_only=True, extra=["--learning_rate", args.lr],
+    )  # fmt: skip
+    env = offline_env(args.threads)
     print(f"[accuracy_vs_sparsity] training {name} ...", flush=True)
     begin = time.perf_counter()
     with open(work / f"{name}.log", "w") as log:
@@ -270,11 +236,11 @@ def report(rows: list, args: argparse.Namespace, sparsities: list) -> None:
     dense = next(r for r in rows if r["method"] == "dense")["test_accuracy"]
     for row in rows:
         row["recovery"] = row["test_accuracy"] / dense if dense else None
-    name = "accuracy_vs_sparsity_quick" if args.quick else "accuracy_vs_sparsity"
+    name, smoke = "accuracy_vs_sparsity", args.quick  # a smoke run goes to the scratch folder, not docs/
     by = {(r["method"], r["target_sparsity"]): r for r in rows}
     verdicts = {s: by[("obert", s)]["test_accuracy"] > by[("gmp", s)]["test_accuracy"] for s in sparsities}
-    write_json(name, {"settings": vars(args), "runs": rows, "obert_beats_gmp": verdicts})
-    _plot(rows, sparsities, dense, name)
+    write_json(name, {"settings": vars(args), "runs": rows, "obert_beats_gmp": verdicts}, smoke)
+    _plot(rows, sparsities, dense, name, smoke)
     headers = ["run", "method", "encoder sparsity", "test accuracy", "recovery vs dense", "train s"]
     table = markdown_table(
         headers,
@@ -317,18 +283,19 @@ def report(rows: list, args: argparse.Namespace, sparsities: list) -> None:
         f"## {title} (`benchmarks/accuracy_vs_sparsity.py`)\n\n{settings}\n\n{table}\n\n"
         + "; ".join(lines)
         + f".\n\n![{name}](results/{name}.png)",
+        smoke,
     )
     print(table)
     print("; ".join(lines))
 
 
-def _plot(rows: list, sparsities: list, dense: float, name: str) -> None:
+def _plot(rows: list, sparsities: list, dense: float, name: str, smoke: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from benchmarks._results import RESULTS_DIR
+    from benchmarks._results import results_dir
 
     fig, axis = plt.subplots(figsize=(5.5, 3.6))
     for method, color in (("gmp", "#888"), ("obert", "#2a7")):
@@ -346,10 +313,10 @@ def _plot(rows: list, sparsities: list, dense: float, name: str) -> None:
     axis.set_xticks(sparsities)
     axis.legend()
     fig.tight_layout()
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS_DIR / f"{name}.png.tmp"
+    folder = results_dir(smoke)
+    tmp = folder / f"{name}.png.tmp"
     fig.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, RESULTS_DIR / f"{name}.png")
+    os.replace(tmp, folder / f"{name}.png")
 
 
 if __name__ == "__main__":

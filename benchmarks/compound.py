@@ -1,8 +1,8 @@
 """Compound sparsification of MiniLM-L6 on Rotten Tomatoes: accuracy, size and latency.
 
-Four models from the shared training pipeline (``benchmarks/_pipeline.py``, the same staged
-recipes and stage cache as ``benchmarks/reproduce.py``), each trained by the STOCK
-``sparseml.transformers.train.text_classification`` script, exported with
+Four models from the shared training pipeline (``benchmarks/_pipeline.py``; the rows of
+``benchmarks/_rows.py``, the same staged recipes and stage cache as ``benchmarks/reproduce.py``),
+each trained by the STOCK ``sparseml.transformers.train.text_classification`` script, exported with
 ``obert_modifiers.export`` (parity-checked) and timed with ``obert_modifiers.bench`` on DeepSparse
 and ONNX Runtime:
 
@@ -21,14 +21,13 @@ on ``--cores`` cores (2 by default), warm-up first.
     python benchmarks/compound.py             # the measurement (reproduce.py's stages; 3 h to train them)
 
 Writes ``docs/results/compound.json``, ``docs/results/compound.png`` and the ``compound``
-section of ``docs/results.md``.
+section of ``docs/results.md``; ``--quick`` writes them to ``runs/results-quick/`` instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,8 +38,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import _pipeline as pipeline  # noqa: E402
-from benchmarks._results import RESULTS_DIR, markdown_table, update_results_section, write_json  # noqa: E402
-from benchmarks.reproduce import (  # noqa: E402
+from benchmarks._results import markdown_table, results_dir, update_results_section, write_json  # noqa: E402
+from benchmarks._rows import (  # noqa: E402
     ROWS,
     SETTINGS,
     command_text,
@@ -50,6 +49,8 @@ from benchmarks.reproduce import (  # noqa: E402
     training_flags,
     workspace,
 )
+from obert_modifiers.runs.evaluate import onnx_accuracy  # noqa: E402
+from obert_modifiers.runs.stock import apply_offline_env  # noqa: E402
 
 # compound name -> reproduce row (the stage that trains it)
 MODELS = {
@@ -114,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                saved["train_seconds"], machine=saved.get("machine"))  # fmt: skip
         return 0
 
-    for key, value in pipeline.OFFLINE.items():
-        os.environ.setdefault(key, value)
+    apply_offline_env()
     from rich.console import Console
 
     console = Console()
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             source = pipeline.fp32_twin(source, work / "twins" / row)
         result = pipeline.export(source, work / "deployments" / row, reuse=True)
         deployments[name] = result.path
-        accuracy = pipeline.test_accuracy(result.path, data / "test.csv", cfg["max_test"])
+        accuracy = onnx_accuracy(result.path, data / "test.csv", cfg["max_test"])
         summary.append({
             "model": name, "pipeline_row": row, "accuracy": accuracy, "quantized": result.quantized,
             "sparsity": result.sparsity, "num_layers": result.num_layers,
@@ -207,8 +207,9 @@ def report(
     }  # fmt: skip
     if machine:
         payload["machine"] = machine  # write_json's own machine facts give way to the measured run's
-    json_path = write_json("compound", payload)
-    png_path = RESULTS_DIR / "compound.png"
+    smoke = mode == "quick"  # a smoke run goes to the scratch folder, not docs/
+    json_path = write_json("compound", payload, smoke)
+    png_path = results_dir(smoke) / "compound.png"
     plot(timing_rows, png_path)
 
     headers = ["model", "layers", "sparsity", "INT8", "test acc", "ONNX MB"]
@@ -282,7 +283,7 @@ def report(
         headers, table_rows
     )
     markdown += "\n\n" + "\n".join(f"- {n}" for n in notes if n) + "\n\n![compound](results/compound.png)\n"
-    update_results_section("compound", markdown)
+    update_results_section("compound", markdown, smoke)
     console.print(markdown)
     return 0
 

@@ -13,7 +13,8 @@ in a subprocess, driven by ``recipes/``):
    the median of the per-round medians reported, so load from other processes hits every model alike).
 
 Writes ``docs/results/layer_drop.json``, ``docs/results/layer_drop.png`` and the ``layer_drop`` section
-of ``docs/results.md``. ``--quick`` trains on a slice (minutes on 2 cores); the full run follows the
+of ``docs/results.md``. ``--quick`` trains on a slice (minutes on 2 cores) and writes the same files to
+``runs/results-quick/`` (a smoke run is not a result); the full run follows the
 DATA.md reference point (2 epochs, all 10.8 k training snippets; about an hour on 2 idle cores).
 
     python benchmarks/layer_drop.py --quick [--work-dir DIR [--reuse]]
@@ -29,7 +30,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,8 +38,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._pipeline import OFFLINE, test_correct  # noqa: E402
 from benchmarks._results import markdown_table, paired_comparison, update_results_section, write_json  # noqa: E402
+from obert_modifiers.runs.evaluate import onnx_correct  # noqa: E402
+from obert_modifiers.runs.stock import apply_offline_env, offline_env, run_logged, train_command  # noqa: E402
 
 NAME = "layer_drop"
 RECIPE = ROOT / "recipes" / "layer_drop_minilm_3layer.yaml"
@@ -77,39 +78,16 @@ def log(message: str) -> None:
 
 def train(model_dir: Path, data_dir: Path, out_dir: Path, recipe: Path, teacher: str, args, recipe_args=None):
     """One stock SparseML training run; returns (seconds, eval accuracy on the validation split)."""
-    script = Path(sys.executable).parent / "sparseml.transformers.train.text_classification"
-    command = [
-        str(script),
-        "--model_name_or_path", str(model_dir),
-        "--train_file", str(data_dir / "train.csv"),
-        "--validation_file", str(data_dir / "validation.csv"),
-        "--do_train", "--do_eval",
-        "--max_seq_length", "64",
-        "--per_device_train_batch_size", "16",
-        "--per_device_eval_batch_size", "64",
-        "--learning_rate", "5e-5",
-        "--output_dir", str(out_dir),
-        "--overwrite_output_dir",
-        "--report_to", "none",
-        "--save_strategy", "no",
-        "--save_safetensors", "False",
-        "--seed", str(args.seed),
-        "--recipe", str(recipe),
-        "--distill_teacher", teacher,
-        "--disable_tqdm", "True",
-    ]  # fmt: skip
-    if recipe_args:
-        command += ["--recipe_args", json.dumps(recipe_args)]
+    command = train_command(
+        model_dir, data_dir, out_dir, recipe, seq=64, batch=16, seed=args.seed, recipe_args=recipe_args,
+        teacher=teacher, evaluate=True, final_bin_only=True,
+        extra=["--learning_rate", "5e-5", "--disable_tqdm", "True"],
+    )  # fmt: skip
     started = time.perf_counter()
-    env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": str(args.threads)}
-    completed = subprocess.run(command, cwd=out_dir.parent, env=env, capture_output=True, text=True)
+    log_path = out_dir.parent / f"{out_dir.name}.log"
+    env = offline_env(args.threads)
+    run_logged(command, log_path, cwd=out_dir.parent, env=env, what=f"training {out_dir.name}")
     seconds = time.perf_counter() - started
-    (out_dir.parent / f"{out_dir.name}.log").write_text(completed.stdout + completed.stderr)
-    if completed.returncode != 0:
-        tail = (completed.stdout + completed.stderr)[-4000:]
-        raise RuntimeError(
-            f"training {out_dir.name} failed (log: {out_dir.parent / (out_dir.name + '.log')}):\n{tail}"
-        )
     results = json.loads((out_dir / "eval_results.json").read_text())
     return seconds, results.get("eval_accuracy")
 
@@ -131,7 +109,7 @@ def measure(name: str, model_dir: Path, work: Path, test_rows: list, args, extra
         model_dir, work / f"deploy-{len(list(work.glob('deploy-*')))}", sequence_length=128
     )
     log(f"{name}: test accuracy ({len(test_rows)} snippets, ONNX Runtime)")
-    correct = test_correct(result.path, test_rows)
+    correct = onnx_correct(result.path, [text for text, _ in test_rows], [label for _, label in test_rows])
     accuracy = sum(correct) / len(correct)
     config = json.loads((model_dir / "config.json").read_text())
     row = {
@@ -228,8 +206,7 @@ def main() -> None:
     args.max_train = args.max_train or (1200 if args.quick else None)
     args.max_test = args.max_test or (400 if args.quick else None)
     args.bench_seconds = args.bench_seconds or (3.0 if args.quick else 10.0)
-    for key, value in OFFLINE.items():
-        os.environ.setdefault(key, value)
+    apply_offline_env()
 
     import pandas
 
@@ -328,7 +305,8 @@ def main() -> None:
         ),
         "recipe": str(RECIPE.relative_to(ROOT)),
     }
-    json_path = write_json(NAME, {"settings": settings, "summary": summary, "rows": rows})
+    # a --quick run goes to the scratch folder, not docs/
+    json_path = write_json(NAME, {"settings": settings, "summary": summary, "rows": rows}, args.quick)
     png_path = json_path.with_suffix(".png")
     plot(rows, png_path)
 
@@ -380,7 +358,7 @@ def main() -> None:
             "![layer drop](results/layer_drop.png)",
         ]
     )
-    update_results_section(NAME, markdown)
+    update_results_section(NAME, markdown, args.quick)
     print(table)
     print(json.dumps(summary, indent=2))
     log(f"wrote {json_path}, {png_path} and the '{NAME}' section of docs/results.md")

@@ -179,13 +179,9 @@ def run_worker(kind: str, args: argparse.Namespace, tmp: str, budget_gb: float =
         "threads",
     ):
         command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": str(args.threads),
-        "NM_DISABLE_ANALYTICS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
+    from obert_modifiers.runs.stock import offline_env
+
+    env = offline_env(args.threads)
     print(f"[obs_step] running {kind} ...", flush=True)
     subprocess.run(command, check=True, env=env, cwd=tmp)
     return json.loads(Path(out).read_text())

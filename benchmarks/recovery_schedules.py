@@ -1,12 +1,13 @@
 """How the 6-layer 80 % block4 + INT8 row's accuracy depends on its epoch split (issue #7's 98 % target).
 
-Trains the row of ``benchmarks/reproduce.py`` (same staged recipe, teacher and training flags; by
-default on a 4,000-snippet slice of the training data: five schedules of the row on all of it would
-take about 3 more hours on 2 cores) with several (prune, recovery) epoch splits, each a stage of
-the shared stage cache (``6L-80-block4-INT8@prune1.5-recover3.5``; the split ``row_schedule``
-gives is the same stage as the table's row on the same data), then exports each (parity-checked),
-reads its validation accuracy (the trainer's eval split), scores the test split, and compares
-every split with that one on the same test snippets (McNemar's exact test). The table's split is
+Trains the row of the compound table (``benchmarks/_rows.py``; same staged recipe, teacher and
+training flags as ``benchmarks/reproduce.py``; by default on a 4,000-snippet slice of the training
+data: five schedules of the row on all of it would take about 3 more hours on 2 cores) with several
+(prune, recovery) epoch splits, each a stage of the shared stage cache
+(``6L-80-block4-INT8@prune1.5-recover3.5``; the split ``row_schedule`` gives is the same stage as
+the table's row on the same data), then exports each (parity-checked), reads its validation accuracy
+(the trainer's eval split), scores the test split, and compares every split with that one on the
+same test snippets (McNemar's exact test). The table's split is
 chosen on validation accuracy, never on test.
 
     python benchmarks/recovery_schedules.py                            # the splits in DEFAULT
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import _pipeline as pipeline  # noqa: E402
 from benchmarks._results import markdown_table, paired_comparison, update_results_section, write_json  # noqa: E402
-from benchmarks.reproduce import (  # noqa: E402
+from benchmarks._rows import (  # noqa: E402
     ROWS,
     SETTINGS,
     TARGET_ROWS,
@@ -43,6 +43,8 @@ from benchmarks.reproduce import (  # noqa: E402
     training_flags,
     workspace,
 )
+from obert_modifiers.runs.evaluate import onnx_correct, read_split  # noqa: E402
+from obert_modifiers.runs.stock import apply_offline_env  # noqa: E402
 
 ROW = next(r for r in ROWS if r.name == "6L-80-block4-INT8")
 DEFAULT = "1.5:0.5,1.5:1.5,1.5:2.5,1.5:3.5,3:2"
@@ -107,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"training snippets (default {STUDY_MAX_TRAIN:,}, the slice the study ran on; 0: all 9,755)",
     )
     args = parser.parse_args(argv)
-    for key, value in pipeline.OFFLINE.items():
-        os.environ.setdefault(key, value)
+    apply_offline_env()
     cfg = {**SETTINGS["full"], "max_train": args.max_train or None}
     try:
         splits = parse_schedules(args.schedules, schedule(cfg, ROW)["qat_epochs"])
@@ -120,12 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     stages = split_stages(cfg, splits)
     training = training_flags(cfg)
     models = pipeline.run_stages(stages, work / "stages", data, training, jobs=args.jobs)
-    test_rows = list(zip(*pipeline.read_split(data / "test.csv"), strict=True))
+    test_texts, test_labels = read_split(data / "test.csv")
 
     measured: dict[str, dict[str, Any]] = {}
     for stage in stages:
         result = pipeline.export(models[stage.name], work / "deployments" / stage.name, reuse=True)
-        correct = pipeline.test_correct(result.path, test_rows)
+        correct = onnx_correct(result.path, test_texts, test_labels)
         eval_results = pipeline.eval_results(models[stage.name])
         measured[stage.name] = {
             "stage": stage.name, "prune_epochs": stage.recipe_args.get("prune_epochs"),
@@ -197,7 +198,7 @@ def report(cfg: dict[str, Any], measured: dict[str, dict[str, Any]], seconds: fl
         f"{len(dense['test_correct']):,} test snippets from the exported INT8 ONNX file. Dense teacher: "
         f"validation {dense['validation_accuracy']:.4f}, test {dense['test_accuracy']:.4f} (the "
         f"{target:.0%} target is {target * dense['test_accuracy']:.4f}). The table's split "
-        "(`row_schedule` in `benchmarks/reproduce.py`) is meant to be the one with the best validation "
+        "(`row_schedule` in `benchmarks/_rows.py`) is meant to be the one with the best validation "
         "accuracy.\n\n"
         + markdown_table(
             [

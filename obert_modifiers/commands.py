@@ -14,15 +14,7 @@ from typing import Any
 
 import typer
 
-# Offline by default: models and data come from packages; nothing calls home. The user's own
-# settings win (setdefault).
-OFFLINE_DEFAULTS = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "NM_DISABLE_ANALYTICS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+from obert_modifiers.runs.stock import apply_offline_env
 
 # obert train TASK -> the stock SparseML module whose main() we run
 TRAIN_TASKS = {
@@ -53,8 +45,9 @@ TRAIN_HELP = "\n\n".join(TRAIN_PARAGRAPHS)
 
 
 def apply_offline_defaults() -> None:
-    for key, value in OFFLINE_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    """Offline by default (``runs.stock.OFFLINE_ENV``): models and data come from packages; nothing
+    calls home. The user's own settings win."""
+    apply_offline_env()
 
 
 def _option_value(args: list[str], name: str) -> str | None:
@@ -216,7 +209,9 @@ def register(app: typer.Typer) -> None:
         max_train: int = typer.Option(
             None, "--max-train", min=8, help="Training snippets (default per mode)"
         ),
-        recipe: Path = typer.Option(None, "--recipe", help="Recipe (default recipes/demo.yaml)"),
+        recipe: Path = typer.Option(
+            None, "--recipe", help="Recipe (default: the packaged demo.yaml, recipes/demo.yaml in a checkout)"
+        ),
         quick: bool = typer.Option(False, "--quick", help="Tiny smoke run: tiny random BERT, few steps"),
         seconds: float = typer.Option(None, "--seconds", help="Benchmark seconds per engine"),
     ):

@@ -2,8 +2,8 @@
 
 Fresh-interpreter runs (a Python snippet or a console script, with the offline environment of
 ``conftest.OFFLINE_ENV``), the checks on their result, small CSV slices, and the command lines of
-SparseML's STOCK console scripts (training and ONNX export), built once here so every test runs
-them the same way.
+SparseML's STOCK console scripts (training and ONNX export): training through the package's one
+builder (``obert_modifiers.runs.stock``), so tests, ``obert demo`` and the benchmarks run it alike.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from conftest import OFFLINE_ENV
 
-from obert_modifiers.demo import STOCK_SCRIPT, stock_script
+from obert_modifiers.runs.stock import STOCK_SCRIPT, stock_script, train_args
 
 BIN = Path(sys.executable).parent
 TRAIN_SCRIPT = STOCK_SCRIPT  # sparseml.transformers.train.text_classification
@@ -72,20 +72,11 @@ def stock_train_args(
     batch_size: int = 16,
 ) -> list[str]:
     """The arguments of the stock ``sparseml.transformers.train.text_classification`` script on
-    ``data_dir/{train,validation}.csv``; ``flags`` are further arguments (``--do_eval``, ...)."""
-    return [
-        "--model_name_or_path", str(model_dir),
-        "--train_file", str(data_dir / "train.csv"),
-        "--validation_file", str(data_dir / "validation.csv"),
-        "--do_train",
-        "--max_seq_length", str(max_seq_length),
-        "--per_device_train_batch_size", str(batch_size),
-        "--output_dir", str(output_dir),
-        "--overwrite_output_dir",
-        "--report_to", "none",
-        "--recipe", str(recipe),
-        *map(str, flags),
-    ]  # fmt: skip
+    ``data_dir/{train,validation}.csv`` (``obert_modifiers.runs.stock.train_args``, nothing else
+    set: checkpoints are saved the trainer's default way); ``flags`` are further arguments."""
+    return train_args(
+        model_dir, data_dir, output_dir, recipe, seq=max_seq_length, batch=batch_size, extra=flags
+    )
 
 
 def stock_train_command(*args: object, **kwargs: int) -> list[str]:

@@ -8,14 +8,9 @@ from pathlib import Path
 
 import pytest
 
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "NM_DISABLE_ANALYTICS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "1",
-}
+from obert_modifiers.runs.stock import OFFLINE_ENV as PACKAGE_OFFLINE_ENV
+
+OFFLINE_ENV = {**PACKAGE_OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
 os.environ.update(OFFLINE_ENV)
 
 

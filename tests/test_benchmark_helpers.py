@@ -13,7 +13,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import _pipeline as pipeline  # noqa: E402
 from benchmarks._results import paired_comparison  # noqa: E402
-from benchmarks.reproduce import ROWS, SETTINGS, command_text, epochs_text, pareto, slice_text, stages_for  # noqa: E402
+from benchmarks._rows import ROWS, SETTINGS, command_text, epochs_text, slice_text, stages_for  # noqa: E402
 
 
 def test_paired_comparison_is_mcnemars_exact_test():
@@ -56,6 +56,8 @@ def test_a_row_schedule_changes_only_that_rows_stage():
 
 
 def test_pareto_front_drops_dominated_rows():
+    from benchmarks.reproduce import pareto
+
     assert pareto([(1.0, 0.82), (5.0, 0.80), (4.0, 0.79), (6.6, 0.80)]) == [True, False, False, True]
 
 
@@ -136,3 +138,83 @@ def test_reports_name_the_training_data_and_the_flag_that_reruns_it():
     )
     assert slice_text({"max_train": 4000}) == "4,000 training snippets"
     assert slice_text({"max_train": None}) == "all 9,755 training snippets"
+
+
+def test_no_benchmark_script_imports_another_script():
+    """Scripts are leaves: what two of them share lives in a ``_helper`` module or in the package."""
+    import ast
+
+    scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py") if not p.stem.startswith("_")}
+    assert {"reproduce", "compound", "recovery_schedules"} <= scripts
+    found = []
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                package, _, module = name.partition(".")
+                if package == "benchmarks" and module.split(".")[0] in scripts:
+                    found.append((path.name, name))
+    assert found == []
+
+
+def test_stage_commands_come_from_the_packages_builder():
+    """A stage runs the package's one stock command (``runs.stock.train_command``) with the stage's
+    recipe, arguments and teacher; the benchmarks keep no offline dict or scorer of their own."""
+    from obert_modifiers.runs.stock import stock_script
+
+    stage = pipeline.Stage("s", "minilm_6l_prune.yaml", {"final_sparsity": 0.8}, parent="d", teacher="d")
+    training = {"seq": 64, "batch_size": 16, "seed": 7}
+    command = pipeline._command(stage, Path("start"), None, Path("data"), Path("out"), training)
+    assert command[: len(stock_script())] == stock_script()
+
+    def value(flag: str) -> str:
+        return command[command.index(flag) + 1]
+
+    assert value("--recipe") == str(pipeline.RECIPES / "minilm_6l_prune.yaml")
+    assert value("--recipe_args") == '{"final_sparsity": 0.8}'
+    assert value("--distill_teacher") == "disable"  # no teacher folder given
+    assert (value("--seed"), value("--max_seq_length"), value("--save_safetensors")) == ("7", "64", "False")
+    teacher = pipeline._command(stage, Path("start"), Path("t"), Path("data"), Path("out"), training)
+    assert teacher[teacher.index("--distill_teacher") + 1] == "t"
+    assert not hasattr(pipeline, "OFFLINE") and not hasattr(pipeline, "test_accuracy")
+
+
+def test_run_stages_trains_parents_first_reuses_finished_ones_names_a_failure(tmp_path, monkeypatch, capsys):
+    """The scheduler on stand-in commands (each writes its output folder and prints a trainer-like
+    counter): a child starts from a clean copy of its parent, a rerun reuses both, a failing stage
+    raises naming its log."""
+    import json
+
+    from obert_modifiers.runs.stock import StockRunError
+
+    code = (
+        "import sys, pathlib; out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True); "
+        "(out / 'start.txt').write_text(sys.argv[2]); print(' 50%|#   | 1/2 [00:01]', flush=True); "
+        "sys.exit(3 if out.name == 'broken' else 0)"
+    )
+
+    def command(stage, start, teacher, data, out, training):
+        return [sys.executable, "-c", code, str(out), str(start)]
+
+    monkeypatch.setattr(pipeline, "_command", command)
+    stages = [
+        pipeline.Stage("dense", "minilm_teacher.yaml"),
+        pipeline.Stage("child", "minilm_6l_prune.yaml", {"num_grads": 8}, parent="dense", teacher="dense"),
+    ]
+    done = pipeline.run_stages(stages, tmp_path, tmp_path / "data", {"seq": 64}, jobs=2)
+    assert done == {"dense": tmp_path / "dense", "child": tmp_path / "child"}
+    assert (tmp_path / "child" / "start.txt").read_text() == str(tmp_path / ".child-start")
+    assert not (tmp_path / ".child-start").exists()  # the clean start copy is removed after training
+    keys = {n: json.loads((tmp_path / n / "stage.json").read_text())["key"] for n in done}
+    assert "1/2 [" in (tmp_path / "child.log").read_text()
+    capsys.readouterr()
+    assert pipeline.run_stages(stages, tmp_path, tmp_path / "data", {"seq": 64}) == done
+    assert capsys.readouterr().out.count("reusing") == 2
+    assert {n: json.loads((tmp_path / n / "stage.json").read_text())["key"] for n in done} == keys
+    with pytest.raises(StockRunError, match=r"stage broken failed \(exit 3\); log: .*broken\.log"):
+        pipeline.run_stages([pipeline.Stage("broken", "minilm_teacher.yaml")], tmp_path, tmp_path, {})

@@ -41,6 +41,7 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing deployment folder"),
     ) -> None:
         from obert_modifiers.export import DEFAULT_SEQUENCE_LENGTH, export_deployment, max_sequence_length
+        from obert_modifiers.runs.logs import log_beside, third_party_logs
 
         target = out if out is not None else model_dir / "deployment"
         if sequence_length is None:
@@ -50,10 +51,12 @@ def register(app: typer.Typer) -> None:
                     f"{model_dir} takes at most {maximum} tokens (max_position_embeddings): exporting with "
                     f"--sequence-length {maximum} instead of {DEFAULT_SEQUENCE_LENGTH}"
                 )
-        # errors (ExportError, DeploymentError: both ObertError) are printed by the `obert` handler
-        result = export_deployment(
-            model_dir, target, task=task, sequence_length=sequence_length, overwrite=overwrite
-        )
+        # errors (ExportError, DeploymentError: both ObertError) are printed by the `obert` handler;
+        # what SparseML, transformers and ONNX log goes to the log file beside the folder
+        with third_party_logs(log_beside(target)):
+            result = export_deployment(
+                model_dir, target, task=task, sequence_length=sequence_length, overwrite=overwrite
+            )
         kind = "INT8" if result.quantized else "FP32"
         typer.echo(
             f"wrote {result.path} ({kind}, {result.onnx_bytes / 1e6:.2f} MB model.onnx, "
