@@ -210,6 +210,15 @@ class OBertDistillationModifier(ScheduledUpdateModifier):
         if source and os.path.isdir(source) and hasattr(type(module), "from_pretrained"):
             teacher, info = type(module).from_pretrained(source, output_loading_info=True)
             missing = info.get("missing_keys") or []
+            prefix = f"{getattr(type(module), 'base_model_prefix', '')}."
+            head = [name for name in missing if prefix == "." or not name.startswith(prefix)]
+            if head:  # a base checkpoint (MiniLM-L6 as shipped): the task head would be random
+                raise RuntimeError(
+                    f"!{_NAME}: teacher 'self' is rebuilt from {source}, which has no task head "
+                    f"(missing {head[:4]}): a base checkpoint, so the teacher's logits would be random. "
+                    "Fine-tune a teacher on the task first (e.g. recipes/minilm_teacher.yaml) and pass "
+                    "--distill_teacher PATH_TO_IT, or start this run from that fine-tuned checkpoint"
+                )
             if missing:
                 raise RuntimeError(
                     f"!{_NAME}: teacher 'self' is rebuilt from {source}, but loading it misses weights "
