@@ -447,7 +447,7 @@ class OBertDistillationParams(RecipeParams):
     )
     teacher_input_keys: OutputKeys = key(
         None,
-        expected="a list of output names (or indices)",
+        expected="a list of input names (or indices)",
         doc="inputs given to the teacher (null: the student's, without labels)",
     )
     hidden_weight: float = key(0.0, ge=0.0, doc="weight of the hidden-state MSE term")

@@ -150,7 +150,7 @@ CASES = [
     (LayerDropParams, {"keep": 5, "num_layers": 4}, "keep", "at most num_layers (4)"),
     (LayerDropParams, {"layers": [1], "keep": 2, "num_layers": 4}, "keep", "num_layers - len(layers) = 3"),
     (LayerDropParams, {"layers": [4], "num_layers": 4}, "layers", "indices below num_layers (4)"),
-    (LayerDropParams, {"layers": [0, 1], "num_layers": 2}, "layers", "indices below num_layers (2) that leave"),
+    (LayerDropParams, {"layers": [0, 1], "num_layers": 2}, "layers", "num_layers (2) that leave"),
     (LayerDropParams, {"layers": [1, -2]}, "layers", "a whole number >= 0"),
     (LayerDropParams, {"keep": 2, "start_epoch": -0.5}, "start_epoch", "a number >= 0, or -1"),
     (LayerDropParams, {"keep": 2, "strategy": "random"}, "strategy", "one of 'uniform', 'importance'"),
@@ -331,3 +331,16 @@ def test_params_models_cover_every_tag():
         assert model.model_config["extra"] == "forbid" and model.tag == tag
         for name, field in model.model_fields.items():
             assert field.description, f"{tag}.{name} has no documentation line"
+
+
+def test_docs_list_every_key_of_every_tag():
+    """docs/recipes.md's reference lists exactly the keys each parameter model declares."""
+    import re
+    from pathlib import Path
+
+    docs = (Path(__file__).parents[1] / "docs" / "recipes.md").read_text()
+    for tag, model in PARAMS.items():
+        start = docs.index(f"### `!{tag}` (`{model.__name__}`)")
+        end = docs.index("\n#", start + 1)
+        listed = re.findall(r"^\| `([a-z_]+)` \|", docs[start:end], flags=re.M)
+        assert listed == list(model.model_fields), tag
