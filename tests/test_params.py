@@ -150,7 +150,12 @@ CASES = [
     (LayerDropParams, {"keep": 5, "num_layers": 4}, "keep", "at most num_layers (4)"),
     (LayerDropParams, {"layers": [1], "keep": 2, "num_layers": 4}, "keep", "num_layers - len(layers) = 3"),
     (LayerDropParams, {"layers": [4], "num_layers": 4}, "layers", "indices below num_layers (4)"),
-    (LayerDropParams, {"layers": [0, 1], "num_layers": 2}, "layers", "num_layers (2) that leave"),
+    (
+        LayerDropParams,
+        {"layers": [0, 1], "num_layers": 2},
+        "layers",
+        "indices below num_layers (2) that leave at least one layer",
+    ),
     (LayerDropParams, {"layers": [1, -2]}, "layers", "a whole number >= 0"),
     (LayerDropParams, {"keep": 2, "start_epoch": -0.5}, "start_epoch", "a number >= 0, or -1"),
     (LayerDropParams, {"keep": 2, "strategy": "random"}, "strategy", "one of 'uniform', 'importance'"),
