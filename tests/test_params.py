@@ -15,8 +15,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import typer
 from _helpers import offline_env, run, run_python, stock_train_command, subset_csv
+from typer.testing import CliRunner
 
+from obert_modifiers import commands
 from obert_modifiers.modifiers._base import RecipeParameterError
 from obert_modifiers.params import (
     PARAMS,
@@ -87,6 +90,12 @@ def test_a_misspelled_key_reads_the_same_in_the_manager_and_in_recipe_check(tag,
     with pytest.raises(RecipeCheckError) as checking:
         check_recipe(path)
     assert str(checking.value) == f"{path}:5: modifier 2: {message}"  # the same text, with its place
+
+    app = typer.Typer()
+    commands.register(app)
+    result = CliRunner().invoke(app, ["recipe", "check", str(path)])
+    assert result.exit_code != 0
+    assert f"recipe check failed: {path}:5: modifier 2: {message}" in " ".join(result.output.split())
 
 
 @pytest.mark.integration
