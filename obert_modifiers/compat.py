@@ -44,6 +44,7 @@ __all__ = [
     "rng_state_resume",
     "deepsparse_pipeline_inplace",
     "deepsparse_shape_override_inplace",
+    "recipe_structure",
 ]
 
 DISABLE_ENV = "OBERT_COMPAT_DISABLE"
@@ -518,6 +519,55 @@ def deepsparse_shape_override_inplace(module: ModuleType) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Recipes: SparseML's loader takes an empty recipe, a list or a repeated key without a word
+# --------------------------------------------------------------------------------------------
+
+
+def recipe_structure(module: ModuleType) -> None:
+    """Recipes: refuse an empty recipe, a top-level list and a key given twice, saying so.
+
+    Without it: SparseML's loader (``ScheduledModifierManager.from_yaml``: the stock training
+    scripts for ``--recipe`` and a model folder's ``recipe.yaml``, export, ``obert``) fails on an
+    empty recipe with ``TypeError: 'NoneType' object is not iterable`` and on one whose top level is
+    a list with ``AttributeError: 'list' object has no attribute 'items'``, and a key given twice in
+    one modifier (``damp: 1e-7`` ... ``damp: 1e-5``) is taken without a word: YAML keeps the last one.
+
+    Patch: ``module._load_yaml_str_from_file`` (``sparseml.optim.helpers``: every recipe SparseML
+    loads, from a file, a ``zoo:`` stub or a YAML string, goes through it) passes the text it read to
+    :func:`obert_modifiers.recipe_check.check_recipe_yaml` first, the same check as
+    ``obert recipe check``: a ``RecipeCheckError`` names the file and the line(s).
+    """
+    original = module._load_yaml_str_from_file
+    if _patched(original, "recipe_structure"):
+        return
+
+    @functools.wraps(original)
+    def _load_yaml_str_from_file(file_path: Any) -> str:
+        from obert_modifiers.recipe_check import check_recipe_yaml
+
+        text = original(file_path)
+        check_recipe_yaml(text, *_recipe_source(file_path, text))
+        return text
+
+    _mark(_load_yaml_str_from_file, original, "recipe_structure")
+    module._load_yaml_str_from_file = _load_yaml_str_from_file
+
+
+def _recipe_source(file_path: Any, text: str) -> tuple[str, int]:
+    """(the file a recipe text came from, or 'recipe', and the line of the text in that file)."""
+    path = getattr(file_path, "path", file_path)  # a sparsezoo File
+    if not isinstance(path, str) or "\n" in path or "\r" in path or not os.path.isfile(path):
+        return "recipe", 0
+    try:
+        with open(path, encoding="utf-8") as handle:
+            whole = handle.read()
+    except (OSError, UnicodeDecodeError):
+        return path, 0
+    start = whole.find(text)
+    return path, whole[:start].count("\n") if start > 0 else 0
+
+
+# --------------------------------------------------------------------------------------------
 # registry and scheduling
 # --------------------------------------------------------------------------------------------
 
@@ -588,6 +638,7 @@ FIXES: dict[str, Fix] = {
             ("deepsparse.utils.onnx",),  # imported by `import deepsparse` itself
             standalone=True,
         ),
+        Fix("recipe_structure", recipe_structure, ("sparseml.optim.helpers",)),
     )
 }
 

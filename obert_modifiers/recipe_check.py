@@ -5,7 +5,9 @@ The recipe is loaded with ``ScheduledModifierManager.from_yaml``, the same call 
 Before that, a few SparseML 1.8 traps that otherwise give confusing errors are checked on the text:
 the ``.yml`` extension (rejected), a tag followed by a ``.`` on its line (flow style such as
 ``- !Tag {a: 1.0}``: SparseML's tag rewrite skips it, and loading fails with "could not determine a
-constructor"), namespaced tags, unknown tags and YAML syntax errors (with the line in the file).
+constructor"), namespaced tags, unknown tags, YAML syntax errors (with the line in the file), an
+empty recipe, a top-level list and a key given twice (:func:`check_recipe_yaml`, which the compat
+fix ``recipe_structure`` also runs on every recipe SparseML loads, in training too).
 When the load fails, each modifier is loaded alone through SparseML's loader to find the culprit.
 Multi-stage (staged) recipes are supported: every message about a modifier names its stage, and
 ``recipe_args`` may set global variables or variables of a stage (SparseML sets every variable of
@@ -101,6 +103,61 @@ def _check_tag_lines(path: Path, text: str, offset: int) -> None:
                 )
 
 
+RECIPE_SHAPE = "a recipe is a YAML mapping with a 'modifiers:' list of '- !Tag' entries (or stages of them)"
+
+
+def check_recipe_yaml(text: str, source: str | Path = "recipe", offset: int = 0) -> None:
+    """Refuse what SparseML's loader gets wrong: an empty recipe or one whose top level is not a
+    mapping (SparseML fails with ``TypeError: 'NoneType' object is not iterable`` or
+    ``AttributeError: 'list' object has no attribute 'items'``), and a key given twice in one
+    mapping (YAML keeps the last one silently), named with both lines. ``offset`` is the line of
+    ``text`` in ``source`` (front matter of a ``.md`` card). Text that is not valid YAML passes
+    (the loader reports the syntax error). Used by ``obert recipe check`` and, through the compat
+    fix ``recipe_structure``, by every SparseML recipe load (the stock training scripts too)."""
+    import yaml
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return
+    if root is None:
+        raise RecipeCheckError(f"{source}: the recipe is empty; {RECIPE_SHAPE}")
+    if isinstance(root, yaml.SequenceNode):
+        raise _fail(
+            Path(str(source)),
+            f"the recipe's top level is a list; {RECIPE_SHAPE}: put the '- !Tag' entries under "
+            "'modifiers:'",
+            root.start_mark.line + 1 + offset,
+        )
+    if not isinstance(root, yaml.MappingNode):
+        raise RecipeCheckError(f"{source}: the recipe is the single value {root.value!r}; {RECIPE_SHAPE}")
+    stack: list[tuple[yaml.Node, str]] = [(root, "the recipe's top level")]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((item, where) for item in reversed(node.value))
+            continue
+        if not isinstance(node, yaml.MappingNode):
+            continue
+        if node.tag.startswith("!"):
+            where = f"modifier {node.tag}"
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            line = key_node.start_mark.line + 1 + offset
+            name = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if name is not None and name in seen:
+                raise _fail(
+                    Path(str(source)),
+                    f"{where} gives '{name}' twice (lines {seen[name]} and {line}); YAML would keep "
+                    "only the last one without a word: remove one",
+                    line,
+                )
+            if name is not None:
+                seen[name] = line
+            inner = f"'{name}:'" if where == "the recipe's top level" else f"{where}, key '{name}'"
+            stack.append((value_node, inner))
+
+
 def _tag_line(text: str, offset: int, tag: str, occurrence: int = 0) -> int | None:
     seen = 0
     for number, line in enumerate(text.splitlines(), start=1 + offset):
@@ -170,13 +227,17 @@ def _registered_tags() -> dict[str, type]:
 
 def _explain_modifier_error(tag: str, cls: type | None, error: Exception) -> str:
     from obert_modifiers.modifiers._base import RecipeParameterError, unknown_key_message
+    from obert_modifiers.params import PARAMS
 
     if isinstance(error, RecipeParameterError):
-        return str(error)
+        return str(error)  # our tags (obert_modifiers.params): already names the modifier and the key
     text = str(error)
-    unexpected = re.search(r"unexpected keyword argument '([^']+)'", text)
     if text.startswith(f"!{tag}:"):
-        return text  # already names the modifier and the key
+        return text
+    if tag in PARAMS:
+        return f"!{tag}: {type(error).__name__}: {text}"
+    # SparseML's own modifiers take their keys as __init__ arguments: a bad key is a TypeError
+    unexpected = re.search(r"unexpected keyword argument '([^']+)'", text)
     if unexpected and cls is not None:
         return unknown_key_message(cls, unexpected.group(1))
     if unexpected:
@@ -234,6 +295,7 @@ def check_recipe(path: str | Path, recipe_args: str | dict | None = None) -> Rec
 
     path = Path(path)
     text, offset = _read_recipe_text(path)
+    check_recipe_yaml(text, path, offset)
     _check_tag_lines(path, text, offset)
 
     from sparseml.optim.helpers import (

@@ -401,6 +401,45 @@ def test_deepsparse_shape_override_inplace(tmp_path):
     assert not broken["unchanged"] and broken["dims"] == [1, 16], broken
 
 
+@pytest.mark.integration
+def test_recipe_structure(tiny_bert_dir, data_dir, tmp_path):
+    """An empty recipe stops the stock training command with a message that says so; without the
+    fix SparseML's loader fails with TypeError / AttributeError, and a key given twice is taken."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    command = stock_train_command(tiny_bert_dir, data_dir, tmp_path / "out", empty, "--save_strategy", "no")
+    trained = run(command, offline_env(), cwd=tmp_path)
+    assert trained.returncode != 0
+    assert f"RecipeCheckError: {empty}: the recipe is empty" in trained.stderr.strip().splitlines()[-1]
+
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- !EpochRangeModifier\n  start_epoch: 0.0\n  end_epoch: 1.0\n")
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("modifiers:\n  - !EpochRangeModifier\n    start_epoch: 0.0\n    end_epoch: 1.0\n")
+    twice.write_text(twice.read_text() + "    end_epoch: 2.0\n")
+    code = (
+        "import sys\n"
+        "from sparseml.pytorch.optim import ScheduledModifierManager\n"
+        "for path in sys.argv[1:]:\n"
+        "    try:\n"
+        "        manager = ScheduledModifierManager.from_yaml(path)\n"
+        "        print('LOADED', manager.modifiers[0].end_epoch)\n"
+        "    except Exception as error:\n"
+        "        print('FAILED', type(error).__name__, error)\n"
+    )
+    for disable, expected in (
+        ("", ["RecipeCheckError", "RecipeCheckError", "RecipeCheckError"]),
+        ("recipe_structure", ["TypeError", "AttributeError", "LOADED 2.0"]),
+    ):
+        env = offline_env(**{compat.DISABLE_ENV: disable})
+        result = run_python(code, empty, listed, twice, env=env, cwd=tmp_path)
+        check(result, "loading the recipes")
+        lines = [line for line in result.stdout.splitlines() if line.startswith(("LOADED", "FAILED"))]
+        assert len(lines) == 3 and all(e in line for e, line in zip(expected, lines, strict=True)), lines
+    assert "'NoneType' object is not iterable" in lines[0]
+    assert "'list' object has no attribute 'items'" in lines[1]
+
+
 def test_every_fix_has_a_test_and_docs():
     tested = {name[len("test_") :] for name in globals() if name.startswith("test_")}
     assert set(compat.FIXES) <= tested, set(compat.FIXES) - tested

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -348,3 +349,112 @@ def test_recipe_check_accepts_stage_variables_in_recipe_args(tmp_path):
     assert summary.modifiers[0].stage == "warm" and summary.modifiers[0].end_epoch == 3.0
     with pytest.raises(RecipeCheckError, match=r"'cool_end' is not a variable .*length, warm_end"):
         check_recipe(path, {"cool_end": 3.0})
+
+
+# ------------------------------------------------------------------------------ recipe mistakes
+DUPLICATE = (
+    "modifiers:\n"
+    "  - !EpochRangeModifier\n"
+    "    start_epoch: 0.0\n"
+    "    end_epoch: 2.0\n"
+    "  - !OBertDistillationModifier\n"
+    "    hardness: 1.0\n"
+    "    temperature: 2.0\n"
+    "    hardness: 0.5\n"
+)
+SHAPES = {
+    "empty": ("", "the recipe is empty; a recipe is a YAML mapping with a 'modifiers:' list"),
+    "comments only": ("# nothing yet\n\n", "the recipe is empty"),
+    "top-level list": (
+        "- !EpochRangeModifier\n  start_epoch: 0.0\n  end_epoch: 1.0\n",
+        ":1: the recipe's top level is a list; a recipe is a YAML mapping",
+    ),
+    "a key twice": (
+        DUPLICATE,
+        ":8: modifier !OBertDistillationModifier gives 'hardness' twice (lines 6 and 8)",
+    ),
+    "a variable twice": (
+        "epochs: 1.0\nepochs: 2.0\nmodifiers: []\n",
+        ":2: the recipe's top level gives 'epochs' twice (lines 1 and 2)",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_recipe_check_refuses_an_empty_recipe_a_list_and_a_key_given_twice(name, tmp_path):
+    from obert_modifiers.recipe_check import RecipeCheckError, check_recipe
+
+    text, expected = SHAPES[name]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeCheckError) as caught:
+        check_recipe(path)
+    assert str(caught.value).startswith(str(path)) and expected in str(caught.value)
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_sparseml_loader_refuses_them_too(name, tmp_path, monkeypatch):
+    """The trainer's own call (ScheduledModifierManager.from_yaml): the same message as the check,
+    instead of TypeError / AttributeError from SparseML's loader or a silently dropped value."""
+    from sparseml.pytorch.optim import ScheduledModifierManager
+
+    from obert_modifiers.recipe_check import RecipeCheckError
+
+    monkeypatch.chdir(tmp_path)
+    text, expected = SHAPES[name]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeCheckError) as caught:
+        ScheduledModifierManager.from_yaml(str(path))
+    assert str(caught.value).startswith(str(path)) and expected in str(caught.value)
+    if text.strip() and not text.startswith("#"):  # a YAML string (no file) is named 'recipe'
+        with pytest.raises(RecipeCheckError, match=f"^recipe{re.escape(expected)}"):
+            ScheduledModifierManager.from_yaml(text)
+
+
+def test_a_key_twice_in_a_recipe_card_names_the_lines_of_the_card(tmp_path, monkeypatch):
+    from sparseml.pytorch.optim import ScheduledModifierManager
+
+    from obert_modifiers.recipe_check import RecipeCheckError, check_recipe
+
+    monkeypatch.chdir(tmp_path)
+    card = tmp_path / "recipe.md"
+    card.write_text(f"---\n{DUPLICATE}---\n\n# a recipe card\n")
+    for load in (check_recipe, lambda p: ScheduledModifierManager.from_yaml(str(p))):
+        with pytest.raises(RecipeCheckError, match=r"recipe\.md:9: .* twice \(lines 7 and 9\)"):
+            load(card)
+
+
+def test_distinct_keys_in_different_modifiers_are_fine(tmp_path):
+    from obert_modifiers.recipe_check import check_recipe
+
+    path = tmp_path / "recipe.yaml"
+    other = "  - !OBertQuantizationModifier\n    start_epoch: 1.0\n"
+    path.write_text(DUPLICATE.replace("    hardness: 0.5\n", other))
+    summary = check_recipe(path)
+    assert [m.tag for m in summary.modifiers] == [
+        "EpochRangeModifier",
+        "OBertDistillationModifier",
+        "OBertQuantizationModifier",
+    ]
+
+
+def test_teacher_self_from_a_base_checkpoint_names_the_missing_head(tiny_bert_dir, tmp_path, monkeypatch):
+    """`--distill_teacher self` on a checkpoint with no task head (MiniLM-L6 as shipped) would distill
+    from random logits: refused, saying what is missing and what to do instead."""
+    from sparseml.pytorch.optim import ScheduledModifierManager
+    from transformers import AutoModelForSequenceClassification
+
+    monkeypatch.chdir(tmp_path)
+    base = tmp_path / "base"
+    AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).bert.save_pretrained(base)
+    student = AutoModelForSequenceClassification.from_pretrained(base, num_labels=5)
+    manager = ScheduledModifierManager.from_yaml(
+        "modifiers:\n  - !OBertDistillationModifier\n    hardness: 1.0\n"
+    )
+    with pytest.raises(RuntimeError) as caught:
+        manager.initialize(student, epoch=0.0, distillation_teacher="self")
+    message = str(caught.value)
+    assert "no task head" in message and "classifier.weight" in message
+    assert "logits would be random" in message and "--distill_teacher PATH" in message
+    assert "only loads with its recipe" not in message

@@ -1,12 +1,18 @@
-"""Shared helpers for our SparseML adapters: parameter validation with messages that name the
-modifier and the recipe key, and YAML-1.1 number coercion (``1e-7`` loads as a string)."""
+"""Shared helpers for our SparseML adapters: the error a bad recipe key raises, and the bridge
+from a parameter model of :mod:`obert_modifiers.params` to SparseML's ``ModifierProp`` properties
+(:func:`recipe_properties`) and to a modifier's attributes (:func:`store_recipe`).
+
+This module imports SparseML only inside :func:`recipe_properties`: :mod:`obert_modifiers.params`
+(torch- and SparseML-free) imports :class:`RecipeParameterError` from here."""
 
 from __future__ import annotations
 
-import difflib
 import inspect
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from obert_modifiers.params import RecipeParams
 
 from obert_modifiers.errors import ObertError
 
@@ -19,77 +25,12 @@ class RecipeParameterError(ObertError, ValueError):
         super().__init__(f"!{modifier}: recipe key '{key}' = {value!r} is invalid: expected {expected}")
 
 
-def coerce_float(
-    modifier: str,
-    key: str,
-    value: Any,
-    *,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    min_exclusive: bool = False,
-    allow_none: bool = False,
-) -> float | None:
-    """A float from a recipe value, accepting numeric strings such as ``'1e-7'`` (PyYAML reads
-    exponent notation without a dot as a string)."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool):
-        raise RecipeParameterError(modifier, key, value, "a number")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise RecipeParameterError(modifier, key, value, "a number") from None
-    if minimum is not None and (number < minimum or (min_exclusive and number == minimum)):
-        bound = ">" if min_exclusive else ">="
-        raise RecipeParameterError(modifier, key, value, f"a number {bound} {minimum}")
-    if maximum is not None and number > maximum:
-        raise RecipeParameterError(modifier, key, value, f"a number <= {maximum}")
-    return number
-
-
-def coerce_int(modifier: str, key: str, value: Any, *, minimum: int | None = None) -> int:
-    """An integer from a recipe value (``'1024'`` and ``1024.0`` are accepted, ``1.5`` is not)."""
-    number = coerce_float(modifier, key, value)
-    if number != int(number):
-        raise RecipeParameterError(modifier, key, value, "a whole number")
-    if minimum is not None and number < minimum:
-        raise RecipeParameterError(modifier, key, value, f"a whole number >= {minimum}")
-    return int(number)
-
-
-def coerce_choice(modifier: str, key: str, value: Any, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise RecipeParameterError(modifier, key, value, f"one of {', '.join(map(repr, choices))}")
-    return value
-
-
-def coerce_bool(modifier: str, key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    raise RecipeParameterError(modifier, key, value, "true or false")
-
-
-def coerce_str_list(modifier: str, key: str, value: Any, *, allow_empty: bool = False) -> list:
-    """A list of strings; a single string becomes a one-item list (``__ALL__`` style tokens too)."""
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise RecipeParameterError(modifier, key, value, "a list of names or 're:' patterns")
-    if not value and not allow_empty:
-        raise RecipeParameterError(modifier, key, value, "at least one name or 're:' pattern")
-    return list(value)
-
-
 def unknown_key_message(modifier_cls: type, key: str) -> str:
-    """A message for a recipe key the modifier does not take, with the closest valid keys."""
-    valid = accepted_keys(modifier_cls)
-    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "."
-    return (
-        f"!{modifier_cls.__name__}: unknown recipe key '{key}'{hint} Valid keys: {', '.join(sorted(valid))}"
-    )
+    """A message for a recipe key the modifier does not take, with the closest valid keys (for
+    SparseML's own modifiers, whose keys are their ``__init__`` arguments)."""
+    from obert_modifiers.params import unknown_key_text
+
+    return unknown_key_text(modifier_cls.__name__, key, accepted_keys(modifier_cls))
 
 
 def accepted_keys(modifier_cls: type) -> list:
@@ -101,16 +42,78 @@ def accepted_keys(modifier_cls: type) -> list:
     ]
 
 
-def check_epochs(modifier: str, start_epoch: Any, end_epoch: Any, *, end_required: bool) -> tuple:
-    """Validate a schedule window: start >= 0 (or -1 for 'from the beginning'), end > start."""
-    start = coerce_float(modifier, "start_epoch", start_epoch)
-    end = coerce_float(modifier, "end_epoch", end_epoch)
-    if start < 0 and start != -1:
-        raise RecipeParameterError(modifier, "start_epoch", start_epoch, "a number >= 0, or -1")
-    if end_required and end <= max(start, 0):
-        raise RecipeParameterError(modifier, "end_epoch", end_epoch, f"a number > start_epoch ({start})")
-    if not end_required and end != -1 and end < start:
-        raise RecipeParameterError(
-            modifier, "end_epoch", end_epoch, f"-1 or a number >= start_epoch ({start})"
-        )
-    return start, end
+# --------------------------------------------------------------------------------------------
+# parameter model -> SparseML adapter
+# --------------------------------------------------------------------------------------------
+
+
+def store_recipe(modifier: Any, params: RecipeParams) -> None:
+    """Keep each validated key as ``modifier._<key>``, except the keys SparseML's base classes own
+    (``start_epoch``, ``end_epoch``, ``update_frequency``: passed to their ``__init__``)."""
+    for name, value in params.recipe_values().items():
+        if not _sparseml_owned(type(modifier), name):
+            setattr(modifier, f"_{name}", value)
+
+
+def recipe_properties(params_model: type[RecipeParams], settable: Iterable[str] = ()) -> Callable:
+    """Class decorator: a ``ModifierProp`` getter for every key of ``params_model`` that SparseML's
+    base classes do not already serve (so ``props()``, ``str(modifier)`` and the ``recipe.yaml``
+    saved with a model list every key), a setter for the keys in ``settable`` (setters validate the
+    new value with the model's rules, against the other keys' current values), and an ``__init__``
+    signature listing the keys (``inspect.signature`` shows what a recipe may hold)."""
+    from sparseml.optim import ModifierProp
+
+    settable = set(settable)
+
+    def decorate(cls: type) -> type:
+        names = [name for name in params_model.model_fields if not _sparseml_owned(cls, name)]
+        unknown = settable - set(names)
+        if unknown:
+            raise TypeError(f"{cls.__name__}: no recipe key(s) {sorted(unknown)} to set")
+        for name in names:
+            prop = ModifierProp()(_getter(name, params_model.model_fields[name].description))
+            if name in settable:
+                prop = prop.setter(_setter(params_model, name))
+            setattr(cls, name, prop)
+        cls.__init__.__signature__ = _signature(params_model)
+        return cls
+
+    return decorate
+
+
+def _sparseml_owned(cls: type, name: str) -> bool:
+    from sparseml.optim import ModifierProp
+
+    return any(isinstance(vars(base).get(name), ModifierProp) for base in cls.__mro__[1:])
+
+
+def _getter(name: str, doc: str | None) -> Callable:
+    def getter(self: Any) -> Any:
+        return getattr(self, f"_{name}")
+
+    getter.__name__, getter.__doc__ = name, doc
+    return getter
+
+
+def _setter(params_model: type[RecipeParams], name: str) -> Callable:
+    from obert_modifiers.params import validate_recipe
+
+    def setter(self: Any, value: Any) -> None:
+        current = {
+            key: getattr(self, key) if _sparseml_owned(type(self), key) else getattr(self, f"_{key}")
+            for key in params_model.model_fields
+        }
+        params = validate_recipe(params_model, {**current, name: value})
+        setattr(self, f"_{name}", getattr(params, name))
+
+    setter.__name__ = name
+    return setter
+
+
+def _signature(params_model: type[RecipeParams]) -> inspect.Signature:
+    parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for name, field in params_model.model_fields.items():
+        default = inspect.Parameter.empty if field.is_required() else field.default
+        kind = inspect.Parameter.KEYWORD_ONLY
+        parameters.append(inspect.Parameter(name, kind, default=default, annotation=field.annotation))
+    return inspect.Signature(parameters)

@@ -33,19 +33,15 @@ import os
 from typing import Any
 
 import torch
-from sparseml.optim import BaseModifier, ModifierProp
+from sparseml.optim import BaseModifier
 from sparseml.pytorch.sparsification.modifier import PyTorchModifierYAML, ScheduledUpdateModifier
 from sparseml.sparsification import SparsificationTypes
 from torch import nn
 
 from obert_modifiers.algorithms import distillation as algo
 from obert_modifiers.algorithms.layer_drop import LAYER_MAP_KEY, find_encoder_layers
-from obert_modifiers.modifiers._base import (
-    RecipeParameterError,
-    check_epochs,
-    coerce_float,
-    coerce_int,
-)
+from obert_modifiers.modifiers._base import RecipeParameterError, recipe_properties, store_recipe
+from obert_modifiers.params import OBertDistillationParams, validate_recipe
 
 _LOGGER = logging.getLogger(__name__)
 _NAME = "OBertDistillationModifier"
@@ -53,55 +49,32 @@ PROJECTION_GROUP_KEY = "obert_distillation_projections"
 DEFAULT_OUTPUT_KEYS = ("logits", "start_logits", "end_logits")
 
 
-def _key_list(key: str, value: Any) -> list | None:
-    if value is None:
-        return None
-    if isinstance(value, (str, int)):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, int)) for v in value):
-        raise RecipeParameterError(_NAME, key, value, "a list of output names (or indices)")
-    return list(value) or None
-
-
 @PyTorchModifierYAML()
+@recipe_properties(
+    OBertDistillationParams,
+    settable=(
+        "hardness",
+        "temperature",
+        "distill_output_keys",
+        "teacher_input_keys",
+        "hidden_weight",
+        "attention_weight",
+        "layer_map",
+    ),
+)
 class OBertDistillationModifier(ScheduledUpdateModifier):
-    """Logit (+ optional hidden-state and attention) distillation with SparseML's hardness/temperature."""
+    """Logit (+ optional hidden-state and attention) distillation with SparseML's hardness/temperature
+    (recipe keys: :class:`~obert_modifiers.params.OBertDistillationParams`)."""
 
-    def __init__(
-        self,
-        start_epoch: float = -1.0,
-        end_epoch: float = -1.0,
-        update_frequency: float = -1.0,
-        hardness: float = 0.5,
-        temperature: float = 2.0,
-        distill_output_keys: list | None = None,
-        teacher_input_keys: list | None = None,
-        hidden_weight: float = 0.0,
-        attention_weight: float = 0.0,
-        layer_map: list | None = None,
-    ):
-        start, end = check_epochs(_NAME, start_epoch, end_epoch, end_required=False)
-        update_frequency = coerce_float(_NAME, "update_frequency", update_frequency)
-        hardness = coerce_float(_NAME, "hardness", hardness, minimum=0.0, maximum=1.0)
-        temperature = coerce_float(_NAME, "temperature", temperature, minimum=0.0, min_exclusive=True)
-        hidden_weight = coerce_float(_NAME, "hidden_weight", hidden_weight, minimum=0.0)
-        attention_weight = coerce_float(_NAME, "attention_weight", attention_weight, minimum=0.0)
-        if layer_map is not None:
-            if not isinstance(layer_map, (list, tuple)) or not layer_map:
-                raise RecipeParameterError(
-                    _NAME, "layer_map", layer_map, "a list: student layer i -> teacher layer"
-                )
-            layer_map = [coerce_int(_NAME, "layer_map", i, minimum=0) for i in layer_map]
+    def __init__(self, **recipe: Any):
+        params = validate_recipe(OBertDistillationParams, recipe)
         super().__init__(
-            start_epoch=start, end_epoch=end, update_frequency=update_frequency, end_comparator=-1
+            start_epoch=params.start_epoch,
+            end_epoch=params.end_epoch,
+            update_frequency=params.update_frequency,
+            end_comparator=-1,
         )
-        self._hardness = hardness
-        self._temperature = temperature
-        self._distill_output_keys = _key_list("distill_output_keys", distill_output_keys)
-        self._teacher_input_keys = _key_list("teacher_input_keys", teacher_input_keys)
-        self._hidden_weight = hidden_weight
-        self._attention_weight = attention_weight
-        self._layer_map = layer_map
+        store_recipe(self, params)
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -122,62 +95,6 @@ class OBertDistillationModifier(ScheduledUpdateModifier):
     def sparsification_types(self) -> list:
         # distillation: SparseML's HF trainer only calls loss_update when some modifier declares it
         return [SparsificationTypes.distillation]
-
-    @ModifierProp()
-    def hardness(self) -> float:
-        return self._hardness
-
-    @hardness.setter
-    def hardness(self, value: float) -> None:
-        self._hardness = value
-
-    @ModifierProp()
-    def temperature(self) -> float:
-        return self._temperature
-
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        self._temperature = value
-
-    @ModifierProp()
-    def distill_output_keys(self) -> list | None:
-        return self._distill_output_keys
-
-    @distill_output_keys.setter
-    def distill_output_keys(self, value: list | None) -> None:
-        self._distill_output_keys = value
-
-    @ModifierProp()
-    def teacher_input_keys(self) -> list | None:
-        return self._teacher_input_keys
-
-    @teacher_input_keys.setter
-    def teacher_input_keys(self, value: list | None) -> None:
-        self._teacher_input_keys = value
-
-    @ModifierProp()
-    def hidden_weight(self) -> float:
-        return self._hidden_weight
-
-    @hidden_weight.setter
-    def hidden_weight(self, value: float) -> None:
-        self._hidden_weight = value
-
-    @ModifierProp()
-    def attention_weight(self) -> float:
-        return self._attention_weight
-
-    @attention_weight.setter
-    def attention_weight(self, value: float) -> None:
-        self._attention_weight = value
-
-    @ModifierProp()
-    def layer_map(self) -> list | None:
-        return self._layer_map
-
-    @layer_map.setter
-    def layer_map(self, value: list | None) -> None:
-        self._layer_map = value
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -293,6 +210,15 @@ class OBertDistillationModifier(ScheduledUpdateModifier):
         if source and os.path.isdir(source) and hasattr(type(module), "from_pretrained"):
             teacher, info = type(module).from_pretrained(source, output_loading_info=True)
             missing = info.get("missing_keys") or []
+            prefix = f"{getattr(type(module), 'base_model_prefix', '')}."
+            head = [name for name in missing if prefix == "." or not name.startswith(prefix)]
+            if head:  # a base checkpoint (MiniLM-L6 as shipped): the task head would be random
+                raise RuntimeError(
+                    f"!{_NAME}: teacher 'self' is rebuilt from {source}, which has no task head "
+                    f"(missing {head[:4]}): a base checkpoint, so the teacher's logits would be random. "
+                    "Fine-tune a teacher on the task first (e.g. recipes/minilm_teacher.yaml) and pass "
+                    "--distill_teacher PATH_TO_IT, or start this run from that fine-tuned checkpoint"
+                )
             if missing:
                 raise RuntimeError(
                     f"!{_NAME}: teacher 'self' is rebuilt from {source}, but loading it misses weights "

@@ -28,118 +28,43 @@ import logging
 import math
 from typing import Any
 
-from sparseml.optim import BaseModifier, ModifierProp
+from sparseml.optim import BaseModifier
 from sparseml.pytorch.sparsification.modifier import PyTorchModifierYAML, ScheduledModifier
 from sparseml.sparsification import SparsificationTypes
 from torch import nn
 
 from obert_modifiers.algorithms import layer_drop as algo
-from obert_modifiers.modifiers._base import (
-    RecipeParameterError,
-    check_epochs,
-    coerce_choice,
-    coerce_int,
-)
+from obert_modifiers.modifiers._base import RecipeParameterError, recipe_properties, store_recipe
+from obert_modifiers.params import LayerDropParams, validate_recipe
 
 _LOGGER = logging.getLogger(__name__)
 _NAME = "LayerDropModifier"
-STRATEGIES = ("uniform", "importance")
 
 
 @PyTorchModifierYAML()
+@recipe_properties(
+    LayerDropParams, settable=("layers", "keep", "strategy", "importance_batches", "num_layers")
+)
 class LayerDropModifier(ScheduledModifier):
-    """Remove encoder layers for real: smaller module list, config and state dict."""
+    """Remove encoder layers for real: smaller module list, config and state dict (recipe keys:
+    :class:`~obert_modifiers.params.LayerDropParams`)."""
 
-    def __init__(
-        self,
-        layers: list[int] | None = None,
-        keep: int | None = None,
-        strategy: str = "uniform",
-        importance_batches: int = 8,
-        num_layers: int | None = None,
-        start_epoch: float = -1.0,
-        end_epoch: float = -1.0,
-    ):
+    def __init__(self, **recipe: Any):
         # Dropped layers are never restored: end_epoch only marks the end of a recipe stage (SparseML's
         # compose_staged writes the stage's last epoch here when a later recipe builds on this model).
-        start, end = check_epochs(_NAME, start_epoch, end_epoch, end_required=False)
-        if layers is not None:
-            if isinstance(layers, int) or not isinstance(layers, (list, tuple)) or not layers:
-                raise RecipeParameterError(
-                    _NAME, "layers", layers, "a non-empty list of layer indices to drop"
-                )
-            layers = sorted({coerce_int(_NAME, "layers", i, minimum=0) for i in layers})
-        if keep is not None:
-            keep = coerce_int(_NAME, "keep", keep, minimum=1)
-        if layers is None and keep is None:
-            raise RecipeParameterError(_NAME, "layers", None, "either 'layers' (indices to drop) or 'keep'")
-        strategy = coerce_choice(_NAME, "strategy", strategy, STRATEGIES)
-        importance_batches = coerce_int(_NAME, "importance_batches", importance_batches, minimum=1)
-        if num_layers is not None:
-            num_layers = coerce_int(_NAME, "num_layers", num_layers, minimum=1)
-            if keep is not None and keep > num_layers:
-                raise RecipeParameterError(_NAME, "keep", keep, f"at most num_layers ({num_layers})")
-            if layers is not None:
-                algo.keep_from_drop(num_layers, layers)  # raises for out-of-range indices
-                if keep is not None and num_layers - len(layers) != keep:
-                    raise RecipeParameterError(
-                        _NAME, "keep", keep, f"num_layers - len(layers) = {num_layers - len(layers)}"
-                    )
-        super().__init__(start_epoch=start, end_epoch=end, end_comparator=-1)
-        self._layers = layers
-        self._keep = keep
-        self._strategy = strategy
-        self._importance_batches = importance_batches
-        self._num_layers = num_layers
+        params = validate_recipe(LayerDropParams, recipe)
+        super().__init__(start_epoch=params.start_epoch, end_epoch=params.end_epoch, end_comparator=-1)
+        store_recipe(self, params)
         self._grad_sampler: dict | None = None
         self._applied = False
         self._optimizer_checked = False
 
     # ------------------------------------------------------------------ recipe keys
+    # (one ModifierProp per key, made by @recipe_properties; `layers` and `num_layers` are recorded
+    # after a drop, so the recipe.yaml saved with the model re-applies the same drop without data)
     @BaseModifier.sparsification_types.getter
     def sparsification_types(self) -> list[SparsificationTypes]:
         return [SparsificationTypes.structured]
-
-    @ModifierProp()
-    def layers(self) -> list[int] | None:
-        """Encoder layer indices (in the model the recipe was written for) that are removed."""
-        return self._layers
-
-    @layers.setter
-    def layers(self, value: list[int] | None) -> None:
-        self._layers = value
-
-    @ModifierProp()
-    def keep(self) -> int | None:
-        return self._keep
-
-    @keep.setter
-    def keep(self, value: int | None) -> None:
-        self._keep = value
-
-    @ModifierProp()
-    def strategy(self) -> str:
-        return self._strategy
-
-    @strategy.setter
-    def strategy(self, value: str) -> None:
-        self._strategy = value
-
-    @ModifierProp()
-    def importance_batches(self) -> int:
-        return self._importance_batches
-
-    @importance_batches.setter
-    def importance_batches(self, value: int) -> None:
-        self._importance_batches = value
-
-    @ModifierProp()
-    def num_layers(self) -> int | None:
-        return self._num_layers
-
-    @num_layers.setter
-    def num_layers(self, value: int | None) -> None:
-        self._num_layers = value
 
     # ------------------------------------------------------------------ lifecycle
     def apply_structure(self, module: nn.Module, epoch: float = 0.0, loggers=None, finalize=False, **kwargs):

@@ -40,22 +40,16 @@ import math
 from typing import Any
 
 import torch
-from sparseml.optim import BaseModifier, ModifierProp
+from sparseml.optim import BaseModifier
 from sparseml.pytorch.sparsification.modifier import PyTorchModifierYAML, ScheduledUpdateModifier
 from sparseml.pytorch.utils import GradSampler, get_named_layers_and_params_by_regex, get_prunable_layers
 from sparseml.sparsification import SparsificationTypes
 from torch.nn import Module
 
 from obert_modifiers.algorithms.obs import obs_prune_step, parse_mask_type, plan_memory
-from obert_modifiers.algorithms.sparsity import INTERPOLATIONS, PruningSchedule, epoch_from_steps
-from obert_modifiers.modifiers._base import (
-    RecipeParameterError,
-    coerce_bool,
-    coerce_choice,
-    coerce_float,
-    coerce_int,
-    coerce_str_list,
-)
+from obert_modifiers.algorithms.sparsity import PruningSchedule, epoch_from_steps
+from obert_modifiers.modifiers._base import RecipeParameterError, recipe_properties, store_recipe
+from obert_modifiers.params import OBertPruningParams, validate_recipe
 
 __all__ = ["OBertPruningModifier"]
 
@@ -64,91 +58,21 @@ _NAME = "OBertPruningModifier"
 
 
 @PyTorchModifierYAML()
+@recipe_properties(OBertPruningParams)
 class OBertPruningModifier(ScheduledUpdateModifier):
-    """Gradual second-order (OBS) pruning with a block-diagonal empirical Fisher inverse."""
+    """Gradual second-order (OBS) pruning with a block-diagonal empirical Fisher inverse (recipe keys:
+    :class:`~obert_modifiers.params.OBertPruningParams`)."""
 
-    def __init__(
-        self,
-        init_sparsity: float,
-        final_sparsity: float,
-        start_epoch: float,
-        end_epoch: float,
-        update_frequency: float,
-        params: Any,
-        leave_enabled: bool = True,
-        inter_func: str = "cubic",
-        global_sparsity: bool = True,
-        mask_type: str = "unstructured",
-        num_grads: int = 1024,
-        damp: float = 1e-7,
-        fisher_block_size: int = 50,
-        grad_sampler_kwargs: dict | None = None,
-        num_recomputations: int = 1,
-        memory_budget_gb: float | None = None,
-    ):
-        init = coerce_float(_NAME, "init_sparsity", init_sparsity, minimum=0.0, maximum=1.0)
-        final = coerce_float(_NAME, "final_sparsity", final_sparsity, minimum=0.0, maximum=1.0)
-        if isinstance(final_sparsity, dict):
-            raise RecipeParameterError(_NAME, "final_sparsity", final_sparsity, "one number in [0, 1]")
-        if final >= 1.0:
-            raise RecipeParameterError(_NAME, "final_sparsity", final_sparsity, "a number < 1")
-        if final < init:
-            raise RecipeParameterError(
-                _NAME, "final_sparsity", final_sparsity, f"a number >= init_sparsity ({init})"
-            )
-        start = coerce_float(_NAME, "start_epoch", start_epoch, minimum=0.0)
-        end = coerce_float(_NAME, "end_epoch", end_epoch)
-        if end < start:
-            raise RecipeParameterError(_NAME, "end_epoch", end_epoch, f"a number >= start_epoch ({start})")
-        frequency = coerce_float(_NAME, "update_frequency", update_frequency, minimum=0.0, min_exclusive=True)
-        params = coerce_str_list(_NAME, "params", params)
-        inter_func = coerce_choice(_NAME, "inter_func", inter_func, INTERPOLATIONS)
-        try:
-            group = parse_mask_type(mask_type if isinstance(mask_type, str) else repr(mask_type))
-        except ValueError:
-            raise RecipeParameterError(
-                _NAME, "mask_type", mask_type, "'unstructured', 'block4' or 'blockN'"
-            ) from None
-        block_size = coerce_int(_NAME, "fisher_block_size", fisher_block_size, minimum=1)
-        if block_size % group:
-            raise RecipeParameterError(
-                _NAME,
-                "fisher_block_size",
-                fisher_block_size,
-                f"a multiple of {group} for mask_type {mask_type}",
-            )
-        if grad_sampler_kwargs is not None and (
-            not isinstance(grad_sampler_kwargs, dict)
-            or not all(isinstance(k, str) for k in grad_sampler_kwargs)
-        ):
-            raise RecipeParameterError(
-                _NAME,
-                "grad_sampler_kwargs",
-                grad_sampler_kwargs,
-                "a mapping of DataLoader arguments (batch_size: 8)",
-            )
-        self._init_sparsity = init
-        self._final_sparsity = final
-        self._params = params
-        self._inter_func = inter_func
-        self._mask_type = mask_type
-        self._fisher_block_size = block_size
-        self._leave_enabled = coerce_bool(_NAME, "leave_enabled", leave_enabled)
-        self._global_sparsity = coerce_bool(_NAME, "global_sparsity", global_sparsity)
-        self._num_grads = coerce_int(_NAME, "num_grads", num_grads, minimum=1)
-        self._damp = coerce_float(_NAME, "damp", damp, minimum=0.0, min_exclusive=True)
-        self._grad_sampler_kwargs = dict(grad_sampler_kwargs) if grad_sampler_kwargs else None
-        self._num_recomputations = coerce_int(_NAME, "num_recomputations", num_recomputations, minimum=1)
-        self._memory_budget_gb = coerce_float(
-            _NAME, "memory_budget_gb", memory_budget_gb, minimum=0.0, min_exclusive=True, allow_none=True
-        )
+    def __init__(self, **recipe: Any):
+        params = validate_recipe(OBertPruningParams, recipe)
+        store_recipe(self, params)
         super().__init__(
-            start_epoch=start,
+            start_epoch=params.start_epoch,
             min_start=0.0,
-            end_epoch=end,
+            end_epoch=params.end_epoch,
             min_end=0.0,
             end_comparator=0,
-            update_frequency=frequency,
+            update_frequency=params.update_frequency,
             min_frequency=0.0,
         )
         self._reset_state()
@@ -180,61 +104,10 @@ class OBertPruningModifier(ScheduledUpdateModifier):
         )
 
     # ------------------------------------------------------------------ recipe properties
+    # (one ModifierProp per recipe key, made by @recipe_properties from OBertPruningParams)
     @BaseModifier.sparsification_types.getter
     def sparsification_types(self) -> list:
         return [SparsificationTypes.pruning]
-
-    @ModifierProp()
-    def init_sparsity(self) -> float:
-        return self._init_sparsity
-
-    @ModifierProp()
-    def final_sparsity(self) -> float:
-        return self._final_sparsity
-
-    @ModifierProp()
-    def params(self) -> list:
-        return self._params
-
-    @ModifierProp()
-    def inter_func(self) -> str:
-        return self._inter_func
-
-    @ModifierProp()
-    def mask_type(self) -> str:
-        return self._mask_type
-
-    @ModifierProp()
-    def global_sparsity(self) -> bool:
-        return self._global_sparsity
-
-    @ModifierProp()
-    def leave_enabled(self) -> bool:
-        return self._leave_enabled
-
-    @ModifierProp()
-    def num_grads(self) -> int:
-        return self._num_grads
-
-    @ModifierProp()
-    def damp(self) -> float:
-        return self._damp
-
-    @ModifierProp()
-    def fisher_block_size(self) -> int:
-        return self._fisher_block_size
-
-    @ModifierProp()
-    def grad_sampler_kwargs(self) -> dict | None:
-        return self._grad_sampler_kwargs
-
-    @ModifierProp()
-    def num_recomputations(self) -> int:
-        return self._num_recomputations
-
-    @ModifierProp()
-    def memory_budget_gb(self) -> float | None:
-        return self._memory_budget_gb
 
     # ------------------------------------------------------------------ lifecycle
     def apply_structure(

@@ -23,21 +23,15 @@ import logging
 import math
 from typing import Any
 
-from sparseml.optim import BaseModifier, ModifierProp
+from sparseml.optim import BaseModifier
 from sparseml.pytorch.sparsification.modifier import PyTorchModifierYAML, ScheduledModifier
 from sparseml.sparsification import SparsificationTypes
 from torch.nn import Module
 from torch.optim.optimizer import Optimizer
 
 from obert_modifiers.algorithms import quantization as qat
-from obert_modifiers.modifiers._base import (
-    RecipeParameterError,
-    coerce_bool,
-    coerce_choice,
-    coerce_float,
-    coerce_str_list,
-    unknown_key_message,
-)
+from obert_modifiers.modifiers._base import recipe_properties, store_recipe
+from obert_modifiers.params import OBertQuantizationParams, validate_recipe
 
 __all__ = ["OBertQuantizationModifier"]
 
@@ -46,8 +40,11 @@ _NAME = "OBertQuantizationModifier"
 
 
 @PyTorchModifierYAML()
+@recipe_properties(OBertQuantizationParams, settable=("freeze_observer_epoch",))
 class OBertQuantizationModifier(ScheduledModifier):
     """Quantization-aware training to INT8 for BERT, keeping pruned weights at exactly zero.
+
+    Recipe keys (:class:`~obert_modifiers.params.OBertQuantizationParams`):
 
     :param start_epoch: epoch at which fake quantization starts (-1: from the beginning)
     :param end_epoch: -1; QAT stays on to the end (the export converts it). A number >= start_epoch
@@ -62,49 +59,10 @@ class OBertQuantizationModifier(ScheduledModifier):
         left in float; the classifier head by default
     """
 
-    def __init__(
-        self,
-        start_epoch: float = -1.0,
-        end_epoch: float = -1.0,
-        freeze_observer_epoch: float | None = None,
-        weight_strategy: str = "tensor",
-        quantize_matmuls: bool = True,
-        quantize_embeddings: bool = True,
-        exclude: list[str] | None = None,
-        **unknown: Any,
-    ):
-        if unknown:
-            raise ValueError(unknown_key_message(type(self), next(iter(unknown))))
-        start = coerce_float(_NAME, "start_epoch", start_epoch)
-        if start < 0 and start != -1:
-            raise RecipeParameterError(_NAME, "start_epoch", start_epoch, "a number >= 0, or -1")
-        end = coerce_float(_NAME, "end_epoch", end_epoch)
-        # QAT cannot be switched off once started: the end only marks the stage end. SparseML's
-        # compose_staged writes the stage's last epoch here when a later recipe builds on this one.
-        if end != -1 and end < max(start, 0.0):
-            raise RecipeParameterError(
-                _NAME, "end_epoch", end_epoch, f"-1 (QAT stays on), or a number >= start_epoch ({start})"
-            )
-        freeze = coerce_float(_NAME, "freeze_observer_epoch", freeze_observer_epoch, allow_none=True)
-        if freeze is not None and freeze < max(start, 0.0):
-            raise RecipeParameterError(
-                _NAME,
-                "freeze_observer_epoch",
-                freeze_observer_epoch,
-                f"null or a number >= start_epoch ({start})",
-            )
-        self._freeze_observer_epoch = freeze
-        self._weight_strategy = coerce_choice(
-            _NAME, "weight_strategy", weight_strategy, qat.WEIGHT_STRATEGIES
-        )
-        self._quantize_matmuls = coerce_bool(_NAME, "quantize_matmuls", quantize_matmuls)
-        self._quantize_embeddings = coerce_bool(_NAME, "quantize_embeddings", quantize_embeddings)
-        self._exclude = (
-            ["classifier"]
-            if exclude is None
-            else coerce_str_list(_NAME, "exclude", exclude, allow_empty=True)
-        )
-        super().__init__(start_epoch=start, end_epoch=end, end_comparator=-1)
+    def __init__(self, **recipe: Any):
+        params = validate_recipe(OBertQuantizationParams, recipe)
+        store_recipe(self, params)
+        super().__init__(start_epoch=params.start_epoch, end_epoch=params.end_epoch, end_comparator=-1)
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -117,30 +75,6 @@ class OBertQuantizationModifier(ScheduledModifier):
     @BaseModifier.sparsification_types.getter
     def sparsification_types(self) -> list[SparsificationTypes]:
         return [SparsificationTypes.quantization, SparsificationTypes.structured]
-
-    @ModifierProp()
-    def freeze_observer_epoch(self) -> float | None:
-        return self._freeze_observer_epoch
-
-    @freeze_observer_epoch.setter
-    def freeze_observer_epoch(self, value: float | None) -> None:
-        self._freeze_observer_epoch = coerce_float(_NAME, "freeze_observer_epoch", value, allow_none=True)
-
-    @ModifierProp()
-    def weight_strategy(self) -> str:
-        return self._weight_strategy
-
-    @ModifierProp()
-    def quantize_matmuls(self) -> bool:
-        return self._quantize_matmuls
-
-    @ModifierProp()
-    def quantize_embeddings(self) -> bool:
-        return self._quantize_embeddings
-
-    @ModifierProp()
-    def exclude(self) -> list[str]:
-        return self._exclude
 
     @property
     def plan(self) -> qat.QuantizationPlan | None:
