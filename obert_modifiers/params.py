@@ -16,7 +16,7 @@ What every model shares (:class:`RecipeParams`):
   values become the number or flag their field declares. Past that the fields are strict: ``1.5``
   is not a whole number, ``yes`` is not a flag;
 - :func:`validate_recipe` turns pydantic's ``ValidationError`` into one
-  :class:`~obert_modifiers.modifiers._base.RecipeParameterError` line naming the tag, the key, the
+  :class:`RecipeParameterError` line naming the tag, the key, the
   value and what is expected, the same text in training and in ``obert recipe check``.
 
 This module imports neither SparseML nor torch.
@@ -33,7 +33,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
-from obert_modifiers.modifiers._base import RecipeParameterError
+from obert_modifiers.errors import ObertError
 
 __all__ = [
     "INTERPOLATIONS",
@@ -58,6 +58,14 @@ WEIGHT_STRATEGIES = ("tensor", "channel")
 LAYER_DROP_STRATEGIES = ("uniform", "importance")
 _NAMES = "a list of names or 're:' patterns"
 _NUMBERS = ("a number", "a whole number")
+
+
+class RecipeParameterError(ObertError, ValueError):
+    """A recipe gave a modifier a bad value. The message names modifier, key, value and what is expected."""
+
+    def __init__(self, modifier: str, key: str, value: Any, expected: str):
+        self.modifier, self.key, self.value, self.expected = modifier, key, value, expected
+        super().__init__(f"!{modifier}: recipe key '{key}' = {value!r} is invalid: expected {expected}")
 
 
 class RecipeKeyError(RecipeParameterError):

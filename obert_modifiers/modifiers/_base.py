@@ -1,9 +1,9 @@
-"""Shared helpers for our SparseML adapters: the error a bad recipe key raises, and the bridge
-from a parameter model of :mod:`obert_modifiers.params` to SparseML's ``ModifierProp`` properties
-(:func:`recipe_properties`) and to a modifier's attributes (:func:`store_recipe`).
+"""Shared helpers for our SparseML adapters: the bridge from a parameter model of
+:mod:`obert_modifiers.params` to SparseML's ``ModifierProp`` properties (:func:`recipe_properties`)
+and to a modifier's attributes (:func:`store_recipe`). :class:`RecipeParameterError` (the error a bad
+recipe key raises) lives in :mod:`obert_modifiers.params` and is re-exported here.
 
-This module imports SparseML only inside :func:`recipe_properties`: :mod:`obert_modifiers.params`
-(torch- and SparseML-free) imports :class:`RecipeParameterError` from here."""
+This module imports SparseML only inside :func:`recipe_properties`."""
 
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from obert_modifiers.params import RecipeParams
 
-from obert_modifiers.errors import ObertError
+from obert_modifiers.params import RecipeParameterError
 
-
-class RecipeParameterError(ObertError, ValueError):
-    """A recipe gave a modifier a bad value. The message names modifier, key, value and what is expected."""
-
-    def __init__(self, modifier: str, key: str, value: Any, expected: str):
-        self.modifier, self.key, self.value, self.expected = modifier, key, value, expected
-        super().__init__(f"!{modifier}: recipe key '{key}' = {value!r} is invalid: expected {expected}")
+__all__ = [
+    "RecipeParameterError",
+    "accepted_keys",
+    "recipe_properties",
+    "store_recipe",
+    "unknown_key_message",
+]
 
 
 def unknown_key_message(modifier_cls: type, key: str) -> str:
