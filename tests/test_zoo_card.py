@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from obert_modifiers.testing.hub_fixtures import make_deployment, make_training
 from obert_modifiers.zoo.card import (
     CardError,
     parse_card,
@@ -20,7 +21,6 @@ from obert_modifiers.zoo.card import (
 )
 from obert_modifiers.zoo.protocol import UnsafePathError, check_relative_path
 from obert_modifiers.zoo.stubs import StubError, parse_stub
-from obert_modifiers.zoo.testing import make_deployment, make_training
 
 STUB = "zoo:nlp/text_classification/minilm-l6/pytorch/huggingface/rotten_tomatoes/pruned80_quant-none"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
