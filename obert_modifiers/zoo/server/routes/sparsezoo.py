@@ -23,12 +23,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
     """The request body, refused (413) as soon as it is known to be over ``limit`` bytes."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise HubError(413, f"GraphQL request of {declared} bytes is over the limit of {limit} bytes")
+        raise HubError(400, f"GraphQL request of {declared} bytes is over the limit of {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise HubError(413, f"GraphQL request is over the limit of {limit} bytes")
+            raise HubError(400, f"GraphQL request is over the limit of {limit} bytes")
     return bytes(body)
 
 
