@@ -183,7 +183,8 @@ def test_zoo_modules_do_not_import_torch():
         "import sys\n"
         "import obert_modifiers.zoo.server, obert_modifiers.zoo.client, obert_modifiers.zoo.card\n"
         "import obert_modifiers.zoo.cli, obert_modifiers.zoo.graphql_api, obert_modifiers.zoo.web\n"
-        "import obert_modifiers.zoo.weights\n"
+        "import obert_modifiers.zoo.weights, obert_modifiers.zoo.local\n"
+        "from obert_modifiers.zoo.server.routes import files, models, publish, sparsezoo\n"
         "print(sorted(m for m in ('torch', 'sparseml', 'transformers') if m in sys.modules))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

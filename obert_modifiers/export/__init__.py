@@ -593,7 +593,7 @@ def export_deployment(
     import torch
 
     from obert_modifiers.algorithms.quantization import bake_int32_biases, is_quantized
-    from obert_modifiers.zoo.client import sha256_file  # the digest the hub records
+    from obert_modifiers.deployment import sha256_file  # the digest the hub records
 
     started = time.perf_counter()
     model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir).resolve()
