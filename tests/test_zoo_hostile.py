@@ -502,3 +502,88 @@ def test_obert_zoo_serve_logs_the_hubs_refusals(tmp_path):
     assert "refused DELETE /api/v1/models/abc: HTTP 401: invalid or revoked token" in text, text
     assert "obert_modifiers.zoo" in text
     assert "\nINFO: forged line" not in text and "\\nINFO: forged line" in text  # one line per refusal
+
+
+def test_hub_answers_of_the_wrong_shape_for_push_search_delete_are_one_line(tmp_path):
+    deployment = make_deployment(tmp_path / "deployment")
+
+    def publish_answers(record) -> Callable:
+        def respond(handler: BaseHTTPRequestHandler, length: int) -> Answer:
+            handler.rfile.read(length)
+            if handler.path == f"{API}/publish/check":
+                return _json({"ok": True, "stub": STUB, "missing": []})
+            return 201, {"Content-Type": "application/json"}, json.dumps(record).encode()
+
+        return respond
+
+    for record, named in (
+        ({}, "model id"),
+        ({"id": MODEL_ID, "stub": STUB + "\x1b[2J"}, "stub"),
+        ({"id": MODEL_ID, "stub": STUB.replace("pruned60", "pruned61"), "files": []}, "another stub"),
+        ({"id": MODEL_ID, "stub": STUB, "files": "x"}, "file list"),
+    ):
+        with hostile_hub(publish_answers(record)) as url:
+            with pytest.raises(HubClientError, match=named):
+                push(deployment, STUB, url, "obh_token", progress=False)
+    escape = {"id": MODEL_ID, "stub": STUB + "\x1b]0;owned\x07", "total_bytes": 1}
+    for answer in (
+        {"total": 1, "models": [escape]},
+        {"total": 1, "models": [{"id": MODEL_ID, "stub": STUB, "total_bytes": "1"}]},
+        {"total": "1", "models": []},
+        {"total": 1, "models": [{"id": MODEL_ID, "stub": STUB, "total_bytes": 1, "sparsity": "high"}]},
+    ):
+        with hostile_hub(lambda h, n, a=answer: _json(a)) as url:
+            done = _obert("zoo", "search", "--url", url)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and "\x1b" not in done.stdout + done.stderr
+
+    def delete_answers(handler: BaseHTTPRequestHandler, _length: int) -> Answer:
+        if handler.path.startswith(f"{API}/resolve"):
+            return _json({"id": MODEL_ID, "stub": STUB, "files": [good_file()]})
+        return _json({"deleted": None})
+
+    with hostile_hub(delete_answers) as url:
+        done = _obert("zoo", "delete", STUB, "--url", url, "--token", "obh_x")
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "deleted=None" in done.stderr
+
+
+def test_the_server_refuses_odd_ids_queries_and_cards_without_a_5xx(hub, tmp_path):
+    for model_id in ("%00", "a%0A", "x" * 200, "..%2F..%2Fetc"):
+        for suffix in ("", "/card", "/files/model.md"):
+            answer = httpx.get(f"{hub.url}{API}/models/{model_id}{suffix}")
+            assert answer.status_code == 404, (model_id, suffix, answer.status_code)
+        assert httpx.get(f"{hub.url}/models/{model_id}").status_code == 404
+    for params in ({"q": "a\x00b"}, {"task": "x\ny"}, {"dataset": "\x7f"}):
+        assert httpx.get(f"{hub.url}{API}/models", params=params).status_code == 422, params
+    stub = STUB.replace("pruned60", "pruned62")
+    files = _files(tmp_path, stub)
+    files["model.md"] = files["model.md"].replace(b"# tiny", b"# ti\x00ny")
+    body, content_type = _multipart(_manifest(stub, files), [(sha(d), d) for d in files.values()])
+    headers = {"Authorization": f"Bearer {hub.token}", "Content-Type": content_type}
+    refused = httpx.post(f"{hub.url}{API}/models", content=body, headers=headers)
+    assert refused.status_code == 422 and "control character" in refused.text
+
+
+def test_a_repull_never_removes_files_the_pull_did_not_write(hub, tmp_path):
+    stub = STUB.replace("pruned60", "pruned63")
+    first = push(make_deployment(tmp_path / "a", seed=1), stub, hub.url, hub.token, progress=False)
+    out = tmp_path / "out"
+    pull(stub, hub.url, out=out, cache=tmp_path / "cache", progress=False)
+    mine = out / "deployment" / "my-notes.txt"
+    mine.write_text("mine")
+    second = push(make_deployment(tmp_path / "b", seed=2), stub, hub.url, hub.token, progress=False)
+    assert second["id"] != first["id"]
+    with pytest.raises(HubClientError, match="deployment/my-notes.txt"):
+        pull(stub, hub.url, out=out, cache=tmp_path / "cache", progress=False)
+    assert mine.read_text() == "mine"
+    mine.unlink()
+    pulled = pull(stub, hub.url, out=out, cache=tmp_path / "cache", progress=False)
+    assert json.loads((out / ".obert-hub.json").read_text())["id"] == second["id"]
+    assert (pulled / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
+    done = _obert("zoo", "pull", stub, "--url", hub.url, "--out", str(tmp_path / "ro" / "x"),
+                  env={"OBERT_HUB_CACHE": str(tmp_path / "cache")})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (tmp_path / "locked").mkdir(mode=0o500)
+    if os.geteuid() != 0:  # root writes anywhere
+        denied = _obert("zoo", "pull", stub, "--url", hub.url, "--out", str(tmp_path / "locked" / "x"))
+        assert denied.returncode == 1 and "Traceback" not in denied.stderr and "ermission" in denied.stderr

@@ -30,7 +30,7 @@ def _friendly(func: Callable) -> Callable:
 
         try:
             return func(*args, **kwargs)
-        except (ObertError, FileNotFoundError) as error:  # every hub/card/stub/store/deployment error
+        except (ObertError, OSError) as error:  # hub/card/stub/store/deployment errors; files, permissions
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(1) from None
 

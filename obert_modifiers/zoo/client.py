@@ -434,7 +434,13 @@ def push(
             ):
                 # the hub dropped content it had (its model was deleted meanwhile): send everything
                 response, body = _send(client, manifest, blobs, headers, stub, progress)
-            return json_answer(response, body, what)
+            record = json_answer(response, body, what)
+            _check_model(record, what, base)
+            if record["stub"] != stub:
+                raise HubClientError(f"{what}: the hub answered for another stub, {record['stub']}")
+            if not isinstance(record.get("files"), list):
+                raise HubClientError(f"{what}: the hub's answer has no file list ({_shown(record, 120)})")
+            return record
 
 
 def _send(
@@ -481,6 +487,16 @@ def search(query: str | None = None, url: str | None = None, limit: int = 50, **
         models = answer.get("models")
         if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
             raise HubClientError(f"search: the hub's answer has no list of models ({_shown(answer, 120)})")
+        for model in models:
+            _check_model(model, "search", hub_url(url))
+            if type(model.get("total_bytes")) is not int:
+                size = model.get("total_bytes")
+                raise HubClientError(f"search: the hub's answer has a bad total_bytes {_shown(size)}")
+            sparsity = model.get("sparsity")
+            if sparsity is not None and (type(sparsity) not in (int, float) or not 0 <= sparsity <= 1):
+                raise HubClientError(f"search: the hub's answer has a bad sparsity {_shown(sparsity)}")
+        if type(answer.get("total")) is not int:
+            raise HubClientError(f"search: the hub's answer has a bad total {_shown(answer.get('total'))}")
         return answer
 
 
@@ -489,9 +505,25 @@ def delete(stub: str, url: str | None = None, token: str | None = None) -> dict:
     what = f"delete {record['stub']}"
     headers = {"Authorization": f"Bearer {hub_token(token)}"}
     with _http(hub_url(url)) as client:
-        return json_answer(
+        answer = json_answer(
             *request(client, "DELETE", f"{API_PREFIX}/models/{record['id']}", what, headers=headers), what
         )
+    if answer.get("deleted") != record["stub"]:
+        raise HubClientError(f"{what}: the hub answered deleted={_shown(answer.get('deleted'))}")
+    return answer
+
+
+def _check_model(model: dict, what: str, base: str) -> None:
+    """A model summary from the hub has a sane id and a valid stub (so printing it is safe)."""
+    model_id, stub = model.get("id"), model.get("stub")
+    if not isinstance(model_id, str) or not MODEL_ID_RE.fullmatch(model_id):
+        raise HubClientError(f"{what}: the hub at {base} answered a bad model id {_shown(model_id)}")
+    try:
+        ok = isinstance(stub, str) and str(parse_stub(stub)) == stub
+    except StubError:
+        ok = False
+    if not ok:
+        raise HubClientError(f"{what}: the hub at {base} answered a bad stub {_shown(stub)}")
 
 
 def checked_record(record: dict, canonical: str, base: str) -> list[dict]:
@@ -695,13 +727,24 @@ def pull(
         return _pull(client, canonical, base, out, progress, cache_dir(cache))
 
 
-def _pulled_id(target: Path) -> str | None:
-    """The model id a previous pull recorded in ``target`` (None if it is not a pulled folder)."""
+def _pulled(target: Path) -> dict | None:
+    """What a previous pull recorded in ``target`` (``{stub, id, files}``), None if it is not a
+    pulled folder."""
     try:
         data = json.loads((target / MARKER).read_text())
     except (OSError, ValueError):
         return None
-    return data.get("id") if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else None
+
+
+def _foreign_files(target: Path, pulled: dict) -> list[str]:
+    """Files in a pulled folder that its pull did not write (a pull replaces the folder only when
+    there are none: it never removes what it did not create)."""
+    made = pulled.get("files")
+    if not isinstance(made, list):  # written before pulls listed their files
+        return []
+    found = [p.relative_to(target).as_posix() for p in target.rglob("*") if not p.is_dir()]
+    return sorted(set(found) - set(made) - {MARKER})
 
 
 def _pull(
@@ -714,11 +757,17 @@ def _pull(
     target = Path(out) if out is not None else root / "models" / parse_stub(stub).path
     if target.exists() and not target.is_dir():
         raise HubClientError(f"{target} exists and is not a folder: choose another --out")
-    pulled = _pulled_id(target) if target.is_dir() else None
-    if pulled == model_id:
+    pulled = _pulled(target) if target.is_dir() else None
+    if pulled is not None and pulled.get("id") == model_id:
         return _entry_point(target)
     if pulled is None and target.is_dir() and any(target.iterdir()):
         raise HubClientError(f"{target} exists and is not a pulled model folder: choose another --out")
+    foreign = _foreign_files(target, pulled) if pulled is not None else []
+    if foreign:
+        raise HubClientError(
+            f"{target} holds files an earlier pull did not write ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); move them or choose another --out"
+        )
     total = sum(f["size"] for f in files)
     _check_free_space(blobs, files, total)
     with _progress(total, f"download {stub.rsplit('/', 1)[-1]}", progress) as bar:
@@ -733,7 +782,7 @@ def _pull(
                 os.link(blob, dest)  # no second copy of the bytes; the cache re-checks blobs before reuse
             except OSError:  # another file system, or links not supported
                 shutil.copyfile(blob, dest)
-        (staging / MARKER).write_text(json.dumps({"stub": stub, "id": model_id}))
+        (staging / MARKER).write_text(json.dumps({"stub": stub, "id": model_id, "files": sorted(local)}))
     return _entry_point(target)
 
 

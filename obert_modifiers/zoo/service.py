@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -23,6 +24,7 @@ from obert_modifiers.zoo.store import BlobStore
 from obert_modifiers.zoo.stubs import Stub, parse_stub
 
 _LOGGER = logging.getLogger("obert_modifiers.zoo")
+MODEL_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # applied with fullmatch; ids are uuid4 hex
 SEARCH_FIELDS = ("domain", "sub_domain", "task", "architecture", "dataset", "sparse_tag", "framework", "repo")
 
 
@@ -216,6 +218,9 @@ class Hub:
     def search(
         self, filters: dict[str, str | None], text: str | None, limit: int, offset: int
     ) -> tuple[int, list[Model]]:
+        for key, value in (*filters.items(), ("q", text)):
+            if value and any(not c.isprintable() for c in value):
+                raise HubError(422, f"search refused: {key} {value[:80]!r} holds a control character")
         query = select(Model)
         for key, value in filters.items():
             if not value:
@@ -234,6 +239,8 @@ class Hub:
         return total, rows
 
     def get(self, model_id: str) -> Model:
+        if not MODEL_ID_RE.fullmatch(model_id):
+            raise HubError(404, f"no model with id {model_id[:80]!r} on this hub")
         with self.db.session() as session:
             model = session.get(Model, model_id)
         if model is None:
@@ -249,6 +256,8 @@ class Hub:
         return model
 
     def delete(self, model_id: str, owner: str) -> Model:
+        if not MODEL_ID_RE.fullmatch(model_id):
+            raise HubError(404, f"no model with id {model_id[:80]!r} on this hub")
         with self._commit_lock:
             with self.db.session.begin() as session:
                 model = session.get(Model, model_id)

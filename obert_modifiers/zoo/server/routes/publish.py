@@ -170,6 +170,8 @@ class _UploadReceiver:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise HubError(422, "model card model.md refused: not UTF-8 text") from None
+        if any(c < " " and c not in "\t\n\r" or c == "\x7f" for c in text):
+            raise HubError(422, "model card model.md refused: it holds a control character")
         try:
             card, body = parse_card(text, "model.md")
         except CardError as error:
