@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from obert_modifiers.deployment import DeploymentError, split_folders
+from obert_modifiers.deployment import MANIFEST, DeploymentError, split_folders
 from obert_modifiers.zoo.card.schema import (
     FRONT_MATTER_RE,
     CardError,
@@ -206,9 +206,11 @@ def card_facts(folder: str | os.PathLike, **facts: Any) -> ModelCard:
         training = Path(training_dir)
         if not (training / "config.json").is_file():
             raise CardError(f"{training}: not a training folder (no config.json)")
+    # read as raw JSON, not DeploymentManifest: the card shows what the folder says (a hand-made or
+    # older export.json still gets a card), and the hub validates the card itself
     export = (
-        _read_json(deployment / "export.json")
-        if deployment and (deployment / "export.json").is_file()
+        _read_json(deployment / MANIFEST)
+        if deployment and (deployment / MANIFEST).is_file()
         else {}
     )
     config_dir = next((f for f in (training, deployment) if f and (f / "config.json").is_file()), None)
