@@ -4,8 +4,6 @@ depth in :func:`obert_modifiers.zoo.graphql_api.execute`, and its running time."
 
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -49,12 +47,13 @@ async def graphql(request: Request, hub: HubDep, base_url: BaseUrl) -> JSONRespo
 
     raw = await _read_body(request, MAX_BODY_BYTES)
     try:
-        body = GraphQLRequest.model_validate(json.loads(raw))
-    except (ValueError, ValidationError) as error:
-        detail = str(error).splitlines()[0] if not isinstance(error, ValidationError) else "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in error.errors()
+        body = GraphQLRequest.model_validate_json(raw)
+    except ValidationError as error:
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in error.errors()[:5]
         )
-        raise HubError(400, f"GraphQL request refused: expected JSON {{query, variables?, operationName?}} "
-                       f"({detail})") from None
+        raise HubError(
+            400, f"GraphQL request refused: expected JSON {{query, variables?, operationName?}} ({detail})"
+        ) from None
     payload = await run_in_threadpool(execute, hub, base_url, body.query, body.variables, body.operationName)
     return JSONResponse(payload, status_code=200 if payload.get("data") is not None else 400)
