@@ -263,6 +263,10 @@ def test_urls_the_client_cannot_use_are_one_line(tmp_path):
     for bad in bad_urls:
         with pytest.raises(HubClientError, match="not an http"):
             pull(STUB, bad, out=tmp_path / "x", progress=False)
+    deployment = make_deployment(tmp_path / "deployment")
+    for token in ("obh_a\nX-Evil: 1", "obh_\u00e9", "obh a"):
+        with pytest.raises(HubClientError, match="write token holds"):
+            push(deployment, STUB, "http://127.0.0.1:9", token, progress=False)
     done = _obert("zoo", "pull", STUB, "--url", "http://127.0.0.1:99999", "--out", str(tmp_path / "y"))
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "99999" in done.stderr
@@ -587,3 +591,11 @@ def test_a_repull_never_removes_files_the_pull_did_not_write(hub, tmp_path):
     if os.geteuid() != 0:  # root writes anywhere
         denied = _obert("zoo", "pull", stub, "--url", hub.url, "--out", str(tmp_path / "locked" / "x"))
         assert denied.returncode == 1 and "Traceback" not in denied.stderr and "ermission" in denied.stderr
+
+
+def test_token_names_with_control_characters_are_refused_in_one_line(tmp_path):
+    db = f"sqlite:///{tmp_path / 'hub.db'}"
+    for name in ("alice\nINFO: forged", "bob\x7f", "\x1b[31mred"):
+        done = _obert("zoo", "token", "create", name, "--db", db)
+        assert done.returncode == 1 and "control character" in done.stderr and "Traceback" not in done.stderr
+    assert _obert("zoo", "token", "create", "carol", "--db", db).stdout.startswith("obh_")

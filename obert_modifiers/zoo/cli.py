@@ -125,6 +125,7 @@ def serve_command(
 
 
 @token_app.command("create")
+@_friendly
 def token_create(
     name: str = typer.Argument(..., help="owner name for the token (re-creating replaces its token)"),
     db: str | None = typer.Option(None, help="the server's database URL"),

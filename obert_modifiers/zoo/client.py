@@ -94,6 +94,11 @@ def hub_token(token: str | None = None) -> str:
             "no write token: pass token=/--token or set OBERT_HUB_TOKEN "
             "(create one on the server with `obert zoo token create NAME`)"
         )
+    if not all("!" <= c <= "~" for c in value):  # it goes into an HTTP header as it is
+        raise HubClientError(
+            "the write token holds a space, a control or a non-ASCII character: copy it again "
+            "from `obert zoo token create NAME`"
+        )
     return value
 
 
