@@ -32,8 +32,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._results import markdown_table, update_results_section, write_json  # noqa: E402
-from obert_modifiers.zoo.client import free_port, local_hub, pull, push, resolve  # noqa: E402
-from obert_modifiers.zoo.testing import make_deployment  # noqa: E402
+from obert_modifiers.testing.hub_fixtures import make_deployment  # noqa: E402
+from obert_modifiers.zoo.client import pull, push, resolve  # noqa: E402
+from obert_modifiers.zoo.local import free_port, local_hub  # noqa: E402
 
 STUB = "zoo:nlp/text_classification/bench-90mb/pytorch/huggingface/synthetic/base-none"
 

@@ -327,7 +327,7 @@ def _probe_with_and_without(probe: str, fix: str, tmp_path: Path) -> tuple[dict,
     """Run ``probe`` on a fresh tiny deployment folder with every fix, and on a copy with ``fix``
     disabled; return the JSON each printed last."""
     pytest.importorskip("deepsparse")
-    from obert_modifiers.zoo.testing import make_tiny_bert_folders
+    from obert_modifiers.testing.hub_fixtures import make_tiny_bert_folders
 
     deployment, _ = make_tiny_bert_folders(tmp_path / "model", sequence_length=32)
     second = tmp_path / "second"

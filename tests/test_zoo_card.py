@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from obert_modifiers.testing.hub_fixtures import make_deployment, make_training
 from obert_modifiers.zoo.card import (
     CardError,
     parse_card,
@@ -20,7 +21,6 @@ from obert_modifiers.zoo.card import (
 )
 from obert_modifiers.zoo.protocol import UnsafePathError, check_relative_path
 from obert_modifiers.zoo.stubs import StubError, parse_stub
-from obert_modifiers.zoo.testing import make_deployment, make_training
 
 STUB = "zoo:nlp/text_classification/minilm-l6/pytorch/huggingface/rotten_tomatoes/pruned80_quant-none"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -183,7 +183,8 @@ def test_zoo_modules_do_not_import_torch():
         "import sys\n"
         "import obert_modifiers.zoo.server, obert_modifiers.zoo.client, obert_modifiers.zoo.card\n"
         "import obert_modifiers.zoo.cli, obert_modifiers.zoo.graphql_api, obert_modifiers.zoo.web\n"
-        "import obert_modifiers.zoo.weights\n"
+        "import obert_modifiers.zoo.weights, obert_modifiers.zoo.local\n"
+        "from obert_modifiers.zoo.server.routes import files, models, publish, sparsezoo\n"
         "print(sorted(m for m in ('torch', 'sparseml', 'transformers') if m in sys.modules))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -13,8 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from obert_modifiers.zoo.client import pull, push, start_hub
-from obert_modifiers.zoo.testing import RECIPE, make_tiny_bert_folders
+from obert_modifiers.testing.hub_fixtures import RECIPE, make_tiny_bert_folders
+from obert_modifiers.zoo.client import pull, push
+from obert_modifiers.zoo.local import start_hub
 
 pytestmark = pytest.mark.integration
 

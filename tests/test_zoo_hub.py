@@ -16,19 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from obert_modifiers.testing.hub_fixtures import make_deployment, make_onnx, make_training
 from obert_modifiers.zoo.card import ModelCard, render_card
-from obert_modifiers.zoo.client import (
-    HubClientError,
-    delete,
-    free_port,
-    local_hub,
-    pull,
-    push,
-    resolve,
-    search,
-    start_hub,
-)
-from obert_modifiers.zoo.testing import make_deployment, make_onnx, make_training
+from obert_modifiers.zoo.client import HubClientError, delete, pull, push, resolve, search
+from obert_modifiers.zoo.local import free_port, local_hub, start_hub
 
 pytestmark = pytest.mark.integration
 

@@ -15,8 +15,9 @@ import httpx
 import moto.server  # noqa: E402,F401  (dev extra: the S3-compatible server on loopback)
 import pytest
 
-from obert_modifiers.zoo.client import HubClientError, delete, free_port, pull, push, start_hub
-from obert_modifiers.zoo.testing import make_deployment
+from obert_modifiers.testing.hub_fixtures import make_deployment
+from obert_modifiers.zoo.client import HubClientError, delete, pull, push
+from obert_modifiers.zoo.local import free_port, start_hub
 
 pytestmark = pytest.mark.integration
 

@@ -19,8 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from obert_modifiers.testing.hub_fixtures import make_tiny_bert_folders
 from obert_modifiers.zoo import local_hub, push
-from obert_modifiers.zoo.testing import make_tiny_bert_folders
 
 STUB = "zoo:nlp/text_classification/bert-tiny/pytorch/huggingface/bbc_news/base-none"
 

@@ -2,7 +2,7 @@
 
 ``write_card(dir)`` writes ``model.md`` + plots; ``push(folder, stub, url, token)`` publishes;
 ``pull(stub)`` downloads (returns a Hugging Face folder usable as ``--model_name_or_path``);
-``local_hub(root_dir)`` runs a throwaway server on loopback. Nothing here imports torch.
+``local_hub(root_dir)`` (``zoo/local.py``) runs a throwaway server on loopback. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ _LAZY = {
     "resolve": ("obert_modifiers.zoo.client", "resolve"),
     "search": ("obert_modifiers.zoo.client", "search"),
     "delete": ("obert_modifiers.zoo.client", "delete"),
-    "local_hub": ("obert_modifiers.zoo.client", "local_hub"),
-    "roundtrip": ("obert_modifiers.zoo.client", "roundtrip"),
-    "start_hub": ("obert_modifiers.zoo.client", "start_hub"),
+    "local_hub": ("obert_modifiers.zoo.local", "local_hub"),
+    "roundtrip": ("obert_modifiers.zoo.local", "roundtrip"),
+    "start_hub": ("obert_modifiers.zoo.local", "start_hub"),
     "HubClientError": ("obert_modifiers.zoo.client", "HubClientError"),
     "parse_stub": ("obert_modifiers.zoo.stubs", "parse_stub"),
     "StubError": ("obert_modifiers.zoo.stubs", "StubError"),

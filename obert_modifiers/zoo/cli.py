@@ -26,14 +26,11 @@ def _friendly(func: Callable) -> Callable:
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from obert_modifiers.zoo.card import CardError
-        from obert_modifiers.zoo.client import HubClientError
-        from obert_modifiers.zoo.store import StoreError
-        from obert_modifiers.zoo.stubs import StubError
+        from obert_modifiers.errors import ObertError
 
         try:
             return func(*args, **kwargs)
-        except (HubClientError, CardError, StubError, StoreError, FileNotFoundError) as error:
+        except (ObertError, OSError) as error:  # hub/card/stub/store/deployment errors; files, permissions
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(1) from None
 
@@ -108,6 +105,9 @@ def serve_command(
     public_url: str | None = typer.Option(None, help="URL clients reach this hub at (for download URLs)"),
     max_file_bytes: int = typer.Option(4 * 1024**3, help="largest file accepted"),
     max_upload_bytes: int = typer.Option(8 * 1024**3, help="largest model (all files) accepted"),
+    log_level: str = typer.Option(
+        "info", help="critical, error, warning, info (refusals, clean-up, publishes) or debug"
+    ),
 ) -> None:
     """Run the hub server (REST API, /docs, SparseZoo v2 GraphQL at /v2/graphql, web pages)."""
     from obert_modifiers.zoo.server import serve
@@ -120,10 +120,12 @@ def serve_command(
         port,
         public_url=public_url,
         limits=Limits(max_file_bytes=max_file_bytes, max_upload_bytes=max_upload_bytes),
+        log_level=log_level,
     )
 
 
 @token_app.command("create")
+@_friendly
 def token_create(
     name: str = typer.Argument(..., help="owner name for the token (re-creating replaces its token)"),
     db: str | None = typer.Option(None, help="the server's database URL"),

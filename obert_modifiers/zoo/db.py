@@ -24,6 +24,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
+from obert_modifiers.errors import ObertError
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -94,6 +96,10 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+class TokenNameError(ObertError, ValueError):
+    """A token (owner) name that cannot be used."""
+
+
 class Database:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -105,7 +111,9 @@ class Database:
         """A new write token for ``name`` (returned once, stored hashed)."""
         name = name.strip()
         if not name or len(name) > 200:
-            raise ValueError("token name must be 1-200 characters")
+            raise TokenNameError(f"token name {name[:40]!r}: must be 1-200 characters")
+        if any(not c.isprintable() for c in name):
+            raise TokenNameError(f"token name {name[:80]!r} refused: it holds a control character")
         token = "obh_" + secrets.token_urlsafe(32)
         with self.session.begin() as session:
             existing = session.scalar(select(Token).where(Token.name == name))

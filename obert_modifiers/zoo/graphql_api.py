@@ -8,11 +8,15 @@ modelOnnxSizeCompressedBytes files(version: 2) { displayName downloadUrl fileSiz
 benchmarkResults { batchSize deviceInfo numCores recordedUnits recordedValue } trainingResults {
 datasetName datasetType recordedUnits recordedValue } repoName repoNamespace } }"}`` to
 ``{SPARSEZOO_API_URL}/v2/graphql`` and reads ``data.models``. A v2 stub is looked up by ``repoName``.
+
+The endpoint is public, so a query is bounded before it runs (body size, tokens, fields with
+aliases, depth) and while it runs (time); over a limit it is refused with HTTP 400.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from graphql import (
@@ -26,7 +30,19 @@ from graphql import (
     GraphQLScalarType,
     GraphQLSchema,
     GraphQLString,
-    graphql_sync,
+    execute_sync,
+    parse,
+    validate,
+)
+from graphql.error import GraphQLError
+from graphql.language import (
+    DocumentNode,
+    FieldNode,
+    FragmentDefinitionNode,
+    FragmentSpreadNode,
+    InlineFragmentNode,
+    OperationDefinitionNode,
+    SelectionSetNode,
 )
 from sqlalchemy import select
 
@@ -41,6 +57,12 @@ def _serialize_big_int(value: Any) -> int:
 # file sizes exceed GraphQL's 32-bit Int
 BigInt = GraphQLScalarType("BigInt", serialize=_serialize_big_int, description="A 64-bit integer")
 REPO_NAMESPACE = "obert-hub"
+# cost limits of a public endpoint; the sparsezoo client's query is ~1.2 KiB, ~90 tokens, 24 fields, 3 deep
+MAX_BODY_BYTES = 64 * 1024
+MAX_TOKENS = 2000
+MAX_FIELDS = 200
+MAX_DEPTH = 6
+MAX_SECONDS = 10.0
 
 
 def _ctx(info) -> dict:
@@ -248,16 +270,110 @@ QueryType = GraphQLObjectType(
 SCHEMA = GraphQLSchema(query=QueryType)
 
 
+class _OverLimit(Exception):
+    pass
+
+
+def _check_cost(document: DocumentNode) -> None:
+    """Refuse (``_OverLimit``) a document over the field or depth limits before it is validated
+    or run. Every field node counts, aliases included; fragments are expanded where they are
+    spread, so a fragment spread twice counts twice (a cycle stops the walk: validation names it)."""
+    fragments = {d.name.value: d for d in document.definitions if isinstance(d, FragmentDefinitionNode)}
+    total = sum(1 for _ in _field_nodes(document))
+    if total > MAX_FIELDS:
+        raise _OverLimit(f"the query selects {total} fields (aliases included); the limit is {MAX_FIELDS}")
+    budget = [0]
+
+    def walk(selection_set: SelectionSetNode | None, depth: int, spreads: tuple[str, ...]) -> None:
+        if selection_set is None:
+            return
+        for node in selection_set.selections:
+            if isinstance(node, FieldNode):
+                budget[0] += 1
+                if budget[0] > MAX_FIELDS:
+                    raise _OverLimit(
+                        f"the query selects more than {MAX_FIELDS} fields once its fragments are expanded"
+                    )
+                if depth + 1 > MAX_DEPTH:
+                    raise _OverLimit(f"the query nests fields more than {MAX_DEPTH} deep")
+                walk(node.selection_set, depth + 1, spreads)
+            elif isinstance(node, InlineFragmentNode):
+                walk(node.selection_set, depth, spreads)
+            elif isinstance(node, FragmentSpreadNode):
+                name = node.name.value
+                if name in spreads or name not in fragments:
+                    continue  # a cycle or an unknown fragment: validation refuses it
+                if len(spreads) >= MAX_DEPTH:
+                    raise _OverLimit(f"the query nests fragments more than {MAX_DEPTH} deep")
+                walk(fragments[name].selection_set, depth, (*spreads, name))
+
+    for definition in document.definitions:
+        if isinstance(definition, OperationDefinitionNode):
+            walk(definition.selection_set, 0, ())
+
+
+def _field_nodes(document: DocumentNode):
+    stack = [d.selection_set for d in document.definitions if hasattr(d, "selection_set")]
+    while stack:
+        selection_set = stack.pop()
+        if selection_set is None:
+            continue
+        for node in selection_set.selections:
+            if isinstance(node, FieldNode):
+                yield node
+            if getattr(node, "selection_set", None) is not None:
+                stack.append(node.selection_set)
+
+
+def _refused(message: str) -> dict:
+    return {"data": None, "errors": [{"message": message}]}
+
+
 def execute(
-    hub: Hub, base_url: str, query: str, variables: dict | None = None, operation_name: str | None = None
+    hub: Hub,
+    base_url: str,
+    query: str,
+    variables: dict | None = None,
+    operation_name: str | None = None,
+    *,
+    max_seconds: float = MAX_SECONDS,
 ) -> dict:
-    result = graphql_sync(
+    """Run one GraphQL request; a payload whose ``data`` is None is a refusal (HTTP 400). The query is
+    bounded before it runs (length, tokens, fields with aliases, depth) and while it runs (time)."""
+    if len(query) > MAX_BODY_BYTES:
+        return _refused(f"query refused: {len(query)} characters, the limit is {MAX_BODY_BYTES}")
+    try:
+        document = parse(query, max_tokens=MAX_TOKENS)
+    except GraphQLError as error:
+        return {"data": None, "errors": [error.formatted]}
+    except RecursionError:
+        return _refused(f"query refused: nested too deep (the limit is {MAX_DEPTH} levels)")
+    try:
+        _check_cost(document)
+    except _OverLimit as error:
+        return _refused(f"query refused: {error}")
+    errors = validate(SCHEMA, document)
+    if errors:
+        return {"data": None, "errors": [error.formatted for error in errors]}
+    deadline = time.monotonic() + max_seconds
+    late: list[bool] = []
+
+    def bounded(resolve, root, info, **args):
+        if time.monotonic() > deadline:
+            late.append(True)
+            raise GraphQLError(f"query refused: it ran longer than {max_seconds:g} s")
+        return resolve(root, info, **args)
+
+    result = execute_sync(
         SCHEMA,
-        query,
+        document,
         variable_values=variables,
         operation_name=operation_name,
         context_value={"hub": hub, "base_url": base_url},
+        middleware=[bounded],
     )
+    if late:
+        return _refused(f"query refused: it ran longer than {max_seconds:g} s")
     payload: dict[str, Any] = {"data": result.data}
     if result.errors:
         payload["errors"] = [error.formatted for error in result.errors]

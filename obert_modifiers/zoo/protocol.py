@@ -6,18 +6,20 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from obert_modifiers.errors import ObertError
 from obert_modifiers.zoo.stubs import parse_stub
 
 API_PREFIX = "/api/v1"
 MAX_PATH_LENGTH = 255
 MAX_PATH_DEPTH = 8
-_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=@-]*$")
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# patterns that validate input are applied with fullmatch (``$`` would accept a trailing newline)
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=@-]*")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 REQUIRED_FILES = ("model.md", "deployment/model.onnx")
 
 
-class UnsafePathError(ValueError):
-    pass
+class UnsafePathError(ObertError, ValueError):
+    """A file path that is not a safe relative path inside a model."""
 
 
 def check_relative_path(path: str) -> str:
@@ -28,14 +30,16 @@ def check_relative_path(path: str) -> str:
     files, no empty segments, no control characters.
     """
     if not isinstance(path, str) or not path:
-        raise UnsafePathError("file path is empty")
+        raise UnsafePathError("file path is empty" if path == "" else f"file path {path!r} is not a string")
+    if any(not c.isprintable() for c in path):
+        raise UnsafePathError(f"file path {path[:80]!r} is refused: it holds a control character")
     if len(path) > MAX_PATH_LENGTH:
         raise UnsafePathError(f"file path {path[:40]!r}... is longer than {MAX_PATH_LENGTH} characters")
     segments = path.split("/")
     if len(segments) > MAX_PATH_DEPTH:
         raise UnsafePathError(f"file path {path!r} is more than {MAX_PATH_DEPTH} folders deep")
     for segment in segments:
-        if segment in ("", ".", "..") or not _SEGMENT_RE.match(segment):
+        if segment in ("", ".", "..") or not _SEGMENT_RE.fullmatch(segment):
             raise UnsafePathError(
                 f"file path {path!r} is refused: each part must be letters, digits or '_.+=@-' and not start "
                 "with '.' or '-' (no '..', absolute paths, backslashes or empty parts)"
@@ -58,7 +62,7 @@ class ManifestFile(BaseModel):
     @classmethod
     def _sha(cls, value: str) -> str:
         value = value.lower()
-        if not SHA256_RE.match(value):
+        if not SHA256_RE.fullmatch(value):
             raise ValueError("must be 64 lowercase hex characters")
         return value
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -15,17 +16,19 @@ from typing import Any
 from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from obert_modifiers.errors import ObertError
 from obert_modifiers.zoo.card import ModelCard
 from obert_modifiers.zoo.db import Database, File, Model
 from obert_modifiers.zoo.protocol import NLP_TRIO, Manifest, sparsezoo_file_type
 from obert_modifiers.zoo.store import BlobStore
-from obert_modifiers.zoo.stubs import parse_stub
+from obert_modifiers.zoo.stubs import Stub, parse_stub
 
 _LOGGER = logging.getLogger("obert_modifiers.zoo")
+MODEL_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # applied with fullmatch; ids are uuid4 hex
 SEARCH_FIELDS = ("domain", "sub_domain", "task", "architecture", "dataset", "sparse_tag", "framework", "repo")
 
 
-class HubError(Exception):
+class HubError(ObertError):
     """An error with an HTTP status and a message for the client."""
 
     def __init__(self, status: int, message: str) -> None:
@@ -126,69 +129,98 @@ class Hub:
     ) -> Model:
         """Move the verified blobs in, then swap the model rows in one transaction."""
         stub = parse_stub(manifest.stub)
-        files = list(manifest.files)
         replaced: set[str] = set()
-        with self._commit_lock:
-            for sha, path in staged.items():
-                self.store.put(sha, path)
-            for item in files:
-                if not self.store.has(item.sha256):
-                    raise HubError(400, f"file {item.path}: its content was not uploaded")
-            for attempt in range(8):
-                try:
-                    with self.db.session.begin() as session:
-                        old = session.scalar(select(Model).where(Model.stub == manifest.stub))
-                        if old is not None:
-                            if old.owner != owner:
-                                raise HubError(403, f"{manifest.stub} belongs to {old.owner!r}")
-                            replaced = {f.sha256 for f in old.files}
-                            session.delete(old)
-                            session.flush()
-                        card_data = card.model_dump(mode="json", exclude_none=True)
-                        model = Model(
-                            id=uuid.uuid4().hex,
-                            stub=manifest.stub,
-                            owner=owner,
-                            domain=stub.domain,
-                            sub_domain=stub.sub_domain,
-                            architecture=stub.architecture,
-                            sub_architecture=stub.sub_architecture,
-                            framework=stub.framework,
-                            repo=stub.repo,
-                            dataset=stub.dataset,
-                            training_scheme=stub.training_scheme,
-                            sparse_tag=stub.sparse_tag,
-                            task=card.task,
-                            card_json=json.dumps(card_data),
-                            card_body=card_body,
-                            search_text=" ".join(
-                                [
-                                    manifest.stub,
-                                    card.display_name or "",
-                                    card.description or "",
-                                    card.base_model or "",
-                                    card.task,
-                                    card_body,
-                                ]
-                            ).lower(),
-                            total_bytes=sum(f.size for f in files),
-                        )
-                        model.files = [File(path=f.path, sha256=f.sha256, size=f.size) for f in files]
-                        session.add(model)
-                    break
-                except (IntegrityError, OperationalError):
-                    if attempt == 7:
-                        raise
-                    time.sleep(0.05 * (attempt + 1))
+        created: set[str] = set()  # blobs this publish brought into the store
+        try:
+            with self._commit_lock:
+                for sha, path in staged.items():
+                    if not self.store.has(sha):
+                        created.add(sha)
+                    self.store.put(sha, path)
+                for item in manifest.files:
+                    if not self.store.has(item.sha256):
+                        raise HubError(400, f"file {item.path}: its content was not uploaded")
+                model, replaced = self._swap_rows(manifest, stub, owner, card, card_body)
+        except BaseException as error:
+            # refused at commit (another owner took the stub meanwhile, the database gave up...):
+            # the blobs it brought in are referenced by nothing, so they go now, not at the next start
+            removed = self.collect_garbage(candidates=created) if created else 0
+            reason = error.message if isinstance(error, HubError) else type(error).__name__
+            _LOGGER.info(
+                "publish of %s by %s refused at commit (%s): removed %d staged blobs",
+                manifest.stub,
+                owner,
+                reason,
+                removed,
+            )
+            raise
         if replaced:
             self.collect_garbage(candidates=replaced)
         return model
+
+    def _swap_rows(
+        self, manifest: Manifest, stub: Stub, owner: str, card: ModelCard, card_body: str
+    ) -> tuple[Model, set[str]]:
+        """Replace the model at the stub (if ``owner`` owns it) in one transaction, retried while the
+        database is busy; returns the new model and the sha256 of the files of the one it replaced."""
+        files = list(manifest.files)
+        replaced: set[str] = set()
+        for attempt in range(8):
+            try:
+                with self.db.session.begin() as session:
+                    old = session.scalar(select(Model).where(Model.stub == manifest.stub))
+                    if old is not None:
+                        if old.owner != owner:
+                            raise HubError(403, f"{manifest.stub} belongs to {old.owner!r}")
+                        replaced = {f.sha256 for f in old.files}
+                        session.delete(old)
+                        session.flush()
+                    card_data = card.model_dump(mode="json", exclude_none=True)
+                    model = Model(
+                        id=uuid.uuid4().hex,
+                        stub=manifest.stub,
+                        owner=owner,
+                        domain=stub.domain,
+                        sub_domain=stub.sub_domain,
+                        architecture=stub.architecture,
+                        sub_architecture=stub.sub_architecture,
+                        framework=stub.framework,
+                        repo=stub.repo,
+                        dataset=stub.dataset,
+                        training_scheme=stub.training_scheme,
+                        sparse_tag=stub.sparse_tag,
+                        task=card.task,
+                        card_json=json.dumps(card_data),
+                        card_body=card_body,
+                        search_text=" ".join(
+                            [
+                                manifest.stub,
+                                card.display_name or "",
+                                card.description or "",
+                                card.base_model or "",
+                                card.task,
+                                card_body,
+                            ]
+                        ).lower(),
+                        total_bytes=sum(f.size for f in files),
+                    )
+                    model.files = [File(path=f.path, sha256=f.sha256, size=f.size) for f in files]
+                    session.add(model)
+                return model, replaced
+            except (IntegrityError, OperationalError):
+                if attempt == 7:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ reads
 
     def search(
         self, filters: dict[str, str | None], text: str | None, limit: int, offset: int
     ) -> tuple[int, list[Model]]:
+        for key, value in (*filters.items(), ("q", text)):
+            if value and any(not c.isprintable() for c in value):
+                raise HubError(422, f"search refused: {key} {value[:80]!r} holds a control character")
         query = select(Model)
         for key, value in filters.items():
             if not value:
@@ -207,6 +239,8 @@ class Hub:
         return total, rows
 
     def get(self, model_id: str) -> Model:
+        if not MODEL_ID_RE.fullmatch(model_id):
+            raise HubError(404, f"no model with id {model_id[:80]!r} on this hub")
         with self.db.session() as session:
             model = session.get(Model, model_id)
         if model is None:
@@ -222,6 +256,8 @@ class Hub:
         return model
 
     def delete(self, model_id: str, owner: str) -> Model:
+        if not MODEL_ID_RE.fullmatch(model_id):
+            raise HubError(404, f"no model with id {model_id[:80]!r} on this hub")
         with self._commit_lock:
             with self.db.session.begin() as session:
                 model = session.get(Model, model_id)

@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+from obert_modifiers.errors import ObertError
+
+SHA256_RE = re.compile(r"[0-9a-f]{64}")  # applied with fullmatch
 LOCK_NAME = ".lock"
 
 
-class StoreError(RuntimeError):
+class StoreError(ObertError, RuntimeError):
     """A store URL that cannot be used, or a blob that is not there."""
 
 
@@ -47,7 +49,7 @@ class LocalStore:
         return f"LocalStore({str(self.root)!r})"
 
     def blob_path(self, sha256: str) -> Path:
-        if not SHA256_RE.match(sha256):
+        if not SHA256_RE.fullmatch(sha256):
             raise StoreError(f"not a sha256 digest: {sha256!r}")
         return self.blobs / sha256[:2] / sha256
 
@@ -76,7 +78,7 @@ class LocalStore:
             if not shard.is_dir():
                 continue
             for blob in shard.iterdir():
-                if SHA256_RE.match(blob.name):
+                if SHA256_RE.fullmatch(blob.name):
                     try:
                         yield blob.name, blob.stat().st_mtime
                     except FileNotFoundError:
@@ -193,7 +195,7 @@ class S3Store:
             raise self._fail("the S3 endpoint cannot be reached or used", error) from None
 
     def blob_key(self, sha256: str) -> str:
-        if not SHA256_RE.match(sha256):
+        if not SHA256_RE.fullmatch(sha256):
             raise StoreError(f"not a sha256 digest: {sha256!r}")
         return self._key("blobs", sha256[:2], sha256)
 
@@ -269,7 +271,7 @@ class S3Store:
         """(sha256, last-modified time) of every blob."""
         for item in self._list(self._key("blobs") + "/"):
             name = item["Key"].rsplit("/", 1)[-1]
-            if SHA256_RE.match(name):
+            if SHA256_RE.fullmatch(name):
                 yield name, item["LastModified"].timestamp()
 
     @contextmanager

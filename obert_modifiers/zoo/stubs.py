@@ -13,21 +13,24 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
+from obert_modifiers.errors import ObertError
+
 ZOO_PREFIX = "zoo:"
+# applied with fullmatch: ``$`` would let a trailing newline through
 _SEGMENT = r"[.A-Za-z0-9_]+"
 STUB_RE = re.compile(
-    rf"^(?P<domain>{_SEGMENT})"
+    rf"(?P<domain>{_SEGMENT})"
     rf"/(?P<sub_domain>{_SEGMENT})"
     rf"/(?P<architecture>{_SEGMENT})(?:-(?P<sub_architecture>{_SEGMENT}))?"
     rf"/(?P<framework>{_SEGMENT})"
     rf"/(?P<repo>{_SEGMENT})"
     rf"/(?P<dataset>{_SEGMENT})(?:-(?P<training_scheme>{_SEGMENT}))?"
-    rf"/(?P<sparse_tag>[.A-Za-z0-9_][.A-Za-z0-9_-]*)$"
+    rf"/(?P<sparse_tag>[.A-Za-z0-9_][.A-Za-z0-9_-]*)"
 )
 EXAMPLE_STUB = "zoo:nlp/text_classification/minilm-l6/pytorch/huggingface/rotten_tomatoes/pruned80_quant-none"
 
 
-class StubError(ValueError):
+class StubError(ObertError, ValueError):
     """A string that is not a SparseZoo v1 stub."""
 
 
@@ -63,10 +66,12 @@ def parse_stub(text: str) -> Stub:
     """Parse ``zoo:...`` (the prefix is optional; ``?params`` are dropped) or raise StubError."""
     if not isinstance(text, str):
         raise StubError(f"stub must be a string, got {type(text).__name__}")
+    if any(not c.isprintable() for c in text):
+        raise StubError(f"invalid stub {text[:200]!r}: it holds a control character")
     raw = text.strip()
     body = raw[len(ZOO_PREFIX) :] if raw.startswith(ZOO_PREFIX) else raw
     body = body.split("?", 1)[0]
-    match = STUB_RE.match(body)
+    match = STUB_RE.fullmatch(body)
     if not match:
         raise StubError(
             f"invalid stub {text!r}: expected zoo:DOMAIN/SUB_DOMAIN/ARCH[-SUB_ARCH]/FRAMEWORK/REPO/"

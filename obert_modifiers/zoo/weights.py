@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from obert_modifiers.errors import ObertError
+
 _STORAGE_DTYPES = {
     "FloatStorage": np.float32,
     "DoubleStorage": np.float64,
@@ -28,7 +30,7 @@ _STORAGE_DTYPES = {
 }
 
 
-class WeightsError(ValueError):
+class WeightsError(ObertError, ValueError):
     """A weights file that cannot be read."""
 
 

@@ -1,7 +1,8 @@
 """Small model folders for hub tests and the hub benchmark, made without torch: a tiny ONNX graph
 built with ``onnx.helper`` (optionally padded with a large initializer to reach a given size),
 a BERT-like ``config.json``, the bundled MiniLM tokenizer files when available, an ``export.json``
-in the deployment schema, and a recipe.
+written through :class:`obert_modifiers.deployment.DeploymentManifest` (so it cannot drift from
+what export writes), and a recipe.
 
 :func:`make_tiny_bert_folders` is the one exception (it imports torch when called): a real tiny
 BERT classifier and its ONNX export, for the clients that must run the model (the sparsezoo client
@@ -9,13 +10,13 @@ with a DeepSparse pipeline, Hugging Face loading) in tests and ``integrations/sp
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+
+from obert_modifiers.deployment import DeploymentManifest, Parity, Sparsity, sha256_file
 
 RECIPE = """\
 modifiers:
@@ -98,24 +99,20 @@ def make_deployment(out: str | Path, pad_bytes: int = 0, seed: int = 0, with_rec
     _tokenizer_files(out)
     if with_recipe:
         (out / "recipe.yaml").write_text(RECIPE)
-    export = {
-        "format_version": 1,
-        "task": "text-classification",
-        "sequence_length": 128,
-        "opset": 13,
-        "quantized": False,
-        "num_layers": 4,
-        "num_parameters": 16 + pad_bytes // 4,
-        "sparsity": {
-            "overall": 0.5,
-            "per_layer": {f"encoder.layer.{i}.output.dense.weight": 0.5 for i in range(4)},
-        },
-        "parity": {"max_abs_diff": 1e-6, "tolerance": 1e-4, "num_samples": 8},
-        "onnx_sha256": hashlib.sha256((out / "model.onnx").read_bytes()).hexdigest(),
-        "source_model": "tiny-bert",
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    (out / "export.json").write_text(json.dumps(export, indent=2))
+    DeploymentManifest(
+        task="text-classification",
+        sequence_length=128,
+        opset=13,
+        quantized=False,
+        num_layers=4,
+        num_parameters=16 + pad_bytes // 4,
+        sparsity=Sparsity(
+            overall=0.5, per_layer={f"encoder.layer.{i}.output.dense.weight": 0.5 for i in range(4)}
+        ),
+        parity=Parity(max_abs_diff=1e-6, tolerance=1e-4, num_samples=8),
+        onnx_sha256=sha256_file(out / "model.onnx"),
+        source_model="tiny-bert",
+    ).write(out)
     return out
 
 
