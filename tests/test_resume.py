@@ -93,6 +93,15 @@ def optimizer_state(folder: Path) -> tuple[list[int], dict]:
     return [i for group in saved["param_groups"] for i in group["params"]], saved["state"]
 
 
+def _complete(path: Path) -> bool:
+    """``path`` holds a whole JSON document (the trainer may be half-way through writing it)."""
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_bert_dir, bbc_data_dir) -> dict:
     """The uninterrupted run, and the same command killed right after checkpoint-1 and resumed."""
@@ -118,7 +127,7 @@ def runs(tmp_path_factory, tiny_bert_dir, bbc_data_dir) -> dict:
         )
         deadline = time.time() + 300
         # trainer_state.json is the last file of a checkpoint that the trainer writes
-        while not (checkpoint / "trainer_state.json").exists() and process.poll() is None:
+        while not _complete(checkpoint / "trainer_state.json") and process.poll() is None:
             assert time.time() < deadline, "no checkpoint-1 within 300 s"
             time.sleep(0.02)
         process.send_signal(signal.SIGKILL)
