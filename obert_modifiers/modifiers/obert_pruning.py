@@ -26,8 +26,9 @@ changing its tag), plus ``memory_budget_gb``::
       memory_budget_gb: null     # e.g. 2.0: cap on the step's extra memory (groups in turn)
 
 Lifecycle: the trainer's ``grad_sampler`` (initialize kwarg) supplies gradients; a pruning step runs
-in ``update`` when the schedule says so; masks are re-applied after every optimizer step while the
-modifier is active (and after ``end_epoch`` with ``leave_enabled``). Resume: SparseML restarts its
+in ``update`` when the schedule says so, on gradient batches seeded by (seed, training step), and
+leaves the step's training gradients for the optimizer; masks are re-applied after every optimizer
+step while the modifier is active (and after ``end_epoch`` with ``leave_enabled``). Resume: SparseML restarts its
 step counter at epoch 0 when training resumes from a checkpoint, but it passes the checkpoint's epoch
 to ``apply_structure``; the modifier records it there, replays its schedule up to that point, takes
 the masks from the zeros of the loaded weights, and shifts the epochs it sees accordingly.
