@@ -28,10 +28,13 @@ changing its tag), plus ``memory_budget_gb``::
 Lifecycle: the trainer's ``grad_sampler`` (initialize kwarg) supplies gradients; a pruning step runs
 in ``update`` when the schedule says so, on gradient batches seeded by (seed, training step), and
 leaves the step's training gradients for the optimizer; masks are re-applied after every optimizer
-step while the modifier is active (and after ``end_epoch`` with ``leave_enabled``). Resume: SparseML restarts its
-step counter at epoch 0 when training resumes from a checkpoint, but it passes the checkpoint's epoch
-to ``apply_structure``; the modifier records it there, replays its schedule up to that point, takes
-the masks from the zeros of the loaded weights, and shifts the epochs it sees accordingly.
+step while the modifier is active (and after ``end_epoch`` with ``leave_enabled``).
+
+Resume: SparseML restarts its step counter at epoch 0 when training resumes from a checkpoint, but
+it passes the checkpoint's epoch to ``apply_structure``; the modifier records it there, replays its
+schedule up to that point, takes the masks from the zeros of the loaded weights, and shifts the
+epochs it sees accordingly. With the per-step gradient seeds and the optimizer state restored
+(``compat.scheduled_optimizer_state``), a resumed run ends bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
