@@ -42,6 +42,7 @@ __all__ = [
     "safetensors_qat_detect",
     "offline_metrics",
     "rng_state_resume",
+    "scheduled_optimizer_state",
     "deepsparse_pipeline_inplace",
     "deepsparse_shape_override_inplace",
     "recipe_structure",
@@ -457,6 +458,67 @@ def rng_state_resume(module: ModuleType) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Training: SparseML's optimizer wrapper loses its optimizer's state under accelerate
+# --------------------------------------------------------------------------------------------
+
+
+def scheduled_optimizer_state(module: ModuleType) -> None:
+    """Training with a recipe: the optimizer that steps is the one the LR scheduler drives and saves.
+
+    Without it: SparseML's ``ScheduledOptimizer`` (the wrapper the trainer puts around AdamW when a
+    recipe is given) subclasses ``torch.optim.Optimizer`` without calling its ``__init__`` and
+    forwards missing attributes to AdamW through ``__getattr__``, but inherits ``state_dict``,
+    ``load_state_dict`` and ``zero_grad`` from ``Optimizer``. accelerate 0.28's ``AcceleratedOptimizer``
+    (``accelerator.prepare`` in the HF trainer) moves the optimizer state to the device with
+    ``optimizer.load_state_dict(optimizer.state_dict())``; ``Optimizer.load_state_dict`` then writes
+    fresh ``state`` and ``param_groups`` into the wrapper's own ``__dict__``, detached from AdamW's.
+    From then on the LR scheduler (built on the wrapper) sets learning rates AdamW never reads (with no
+    LR modifier AdamW steps at a constant ``--learning_rate`` while the trainer logs a linear decay; with
+    one, the log shows a constant rate while AdamW follows the modifier), every checkpoint's
+    ``optimizer.pt`` holds ``state: {}`` and its own copy of the groups, and ``--resume_from_checkpoint``
+    loads the optimizer into the detached copy: Adam's moments restart from zero.
+
+    Patch: ``module.ScheduledOptimizer`` gets ``state``, ``param_groups`` and ``defaults`` properties
+    and ``state_dict`` / ``load_state_dict`` / ``zero_grad`` / ``add_param_group`` methods that all go
+    to the optimizer it wraps, so nothing can be written beside it.
+    """
+    wrapper_cls = module.ScheduledOptimizer
+    if _patched(wrapper_cls.__dict__.get("state_dict"), "scheduled_optimizer_state"):
+        return
+
+    def inner(self: Any) -> Any:
+        return self._wrapper.wrapped_optimizer
+
+    def forwarding(name: str) -> property:
+        def get(self: Any) -> Any:
+            return getattr(inner(self), name)
+
+        def set_(self: Any, value: Any) -> None:
+            setattr(inner(self), name, value)
+
+        return property(get, set_, doc=f"The wrapped optimizer's ``{name}``.")
+
+    def state_dict(self: Any) -> dict[str, Any]:
+        return inner(self).state_dict()
+
+    def load_state_dict(self: Any, state_dict: dict[str, Any]) -> None:
+        inner(self).load_state_dict(state_dict)
+
+    def zero_grad(self: Any, set_to_none: bool = True) -> None:
+        inner(self).zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self: Any, param_group: dict[str, Any]) -> None:
+        inner(self).add_param_group(param_group)
+
+    for name in ("state", "param_groups", "defaults"):
+        setattr(wrapper_cls, name, forwarding(name))
+    for method in (state_dict, load_state_dict, zero_grad, add_param_group):
+        method.__qualname__ = f"{wrapper_cls.__qualname__}.{method.__name__}"
+        _mark(method, wrapper_cls.__dict__.get(method.__name__), "scheduled_optimizer_state")
+        setattr(wrapper_cls, method.__name__, method)
+
+
+# --------------------------------------------------------------------------------------------
 # DeepSparse: a transformers pipeline rewrites the model file it is given
 # --------------------------------------------------------------------------------------------
 
@@ -626,6 +688,7 @@ FIXES: dict[str, Fix] = {
         ),
         Fix("offline_metrics", offline_metrics, ("datasets.load",)),
         Fix("rng_state_resume", rng_state_resume, ("transformers.trainer",)),
+        Fix("scheduled_optimizer_state", scheduled_optimizer_state, ("sparseml.pytorch.optim.optimizer",)),
         Fix(
             "deepsparse_pipeline_inplace",
             deepsparse_pipeline_inplace,

@@ -323,6 +323,76 @@ def test_rng_state_resume(enabled_probes, tiny_bert_dir, tmp_path):
     assert "Weights only load failed" in stderr and "_reconstruct" in stderr, stderr[-2000:]
 
 
+TRAIN_PROBE = Path(__file__).parent / "plugins" / "train_probe"
+LR_RECIPE = """
+modifiers:
+  - !EpochRangeModifier
+    start_epoch: 0.0
+    end_epoch: 1.0
+"""
+LR_MODIFIER = """
+  - !LearningRateFunctionModifier
+    lr_func: linear
+    init_lr: 0.001
+    final_lr: 0.0001
+    start_epoch: 0.0
+    end_epoch: 1.0
+"""
+
+
+def _train_with_probe(tmp: Path, data_dir: Path, model_dir: Path, recipe: str, disable: str = "") -> dict:
+    """A stock training run (6 steps, checkpoint-3) watched by tests/plugins/train_probe: the learning
+    rate each real optimizer step used, and at each trainer log the logged rate and the one the
+    stepping optimizer holds."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "recipe.yaml").write_text(recipe)
+    log = tmp / "probe.jsonl"
+    env = _env(tmp, disable, OBERT_TRAIN_PROBE_LOG=str(log))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TRAIN_PROBE), os.environ.get("PYTHONPATH")) if p)
+    out = tmp / "out"
+    flags = ("--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "3", "--save_safetensors")
+    command = stock_train_command(model_dir, data_dir, out, tmp / "recipe.yaml", *flags, "False")
+    check(run(command, env, cwd=tmp), "training")
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    return {
+        "used": [e["lr"] for e in events if e["event"] == "step"],
+        "logs": [e for e in events if e["event"] == "log"],
+        "optimizer": {name: _load(out / name / "optimizer.pt") for name in ("checkpoint-3", ".")},
+    }
+
+
+def _load(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.integration
+def test_scheduled_optimizer_state(tiny_bert_dir, data_dir, tmp_path):
+    """With a recipe the trainer's AdamW sits inside SparseML's ScheduledOptimizer inside accelerate's
+    AcceleratedOptimizer: the rate AdamW steps with is the logged one, with an LR modifier (here) and
+    without (the HF linear decay: tests/test_resume.py), and checkpoints hold Adam's moments. Without
+    the fix the scheduler drives a detached copy: a constant rate, a decay in the log, ``state: {}``."""
+    with_modifier = _train_with_probe(tmp_path / "lr", data_dir, tiny_bert_dir, LR_RECIPE + LR_MODIFIER)
+    assert len(with_modifier["used"]) == 6 and len(with_modifier["logs"]) == 6
+    for entry in with_modifier["logs"]:
+        assert entry["held"] == pytest.approx(entry["logged"], rel=1e-12), entry
+    used = with_modifier["used"]
+    assert used[0] == pytest.approx(1e-3) and all(a > b for a, b in zip(used, used[1:], strict=False))
+    for name, saved in with_modifier["optimizer"].items():
+        indices = [i for group in saved["param_groups"] for i in group["params"]]
+        assert len(indices) > 50 and sorted(saved["state"]) == sorted(indices), name
+        assert all({"exp_avg", "exp_avg_sq"} <= set(saved["state"][i]) for i in indices), name
+
+    broken = _train_with_probe(
+        tmp_path / "broken", data_dir, tiny_bert_dir, LR_RECIPE, disable="scheduled_optimizer_state"
+    )
+    assert broken["used"] == [5e-05] * 6  # AdamW never sees the schedule
+    assert [e["logged"] for e in broken["logs"]] == pytest.approx([5e-05 * (1 - s / 6) for s in range(1, 7)])
+    assert broken["logs"][0]["held"] != broken["logs"][0]["logged"]
+    assert all(saved["state"] == {} for saved in broken["optimizer"].values())
+
+
 def _probe_with_and_without(probe: str, fix: str, tmp_path: Path) -> tuple[dict, dict]:
     """Run ``probe`` on a fresh tiny deployment folder with every fix, and on a copy with ``fix``
     disabled; return the JSON each printed last."""

@@ -505,3 +505,84 @@ def test_stock_run_killed_after_first_pruning_step_resumes_to_same_sparsity(
     # (a schedule restarted at epoch 0 would stop at 0.685: its last step would fall at epoch 1.0)
     assert _encoder_sparsity(out) == pytest.approx(_encoder_sparsity(full), abs=1e-4)
     assert _encoder_sparsity(out) == pytest.approx(0.7, abs=0.01)
+
+
+# ---------------------------------------------------------------------------------- training state
+def _seeded_grad_sampler(drawn: list) -> dict:
+    """A grad_sampler whose builder shuffles with the DataLoader ``generator`` it is given (as the
+    trainer's does); ``drawn`` gets the first sample's ids of every stream built."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def builder(kwargs):
+        loader = DataLoader(TensorDataset(IDS, LABELS), shuffle=True, **(kwargs or {}))
+        first = True
+        while True:
+            for ids, labels in loader:
+                if first:
+                    drawn.append(ids[0].tolist())
+                    first = False
+                yield [], {"input_ids": ids, "labels": labels}, None
+
+    return {"data_loader_builder": builder, "loss_function": lambda outputs, target: outputs.loss}
+
+
+def _run_steps(model, manager, first: int, last: int, drawn: list, adam=None):
+    from sparseml.pytorch.optim import ScheduledOptimizer
+
+    adam = adam or torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sampler = _seeded_grad_sampler(drawn)
+    optimizer = ScheduledOptimizer(
+        adam, model, manager, steps_per_epoch=8, initialize_kwargs={"grad_sampler": sampler}
+    )
+    for step in range(first, last):
+        i = (step * 8) % 256
+        model(input_ids=IDS[i : i + 8], labels=LABELS[i : i + 8]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return adam
+
+
+def test_gradient_batches_are_a_function_of_the_step():
+    """A run resumed after its first two pruning steps draws, at every later pruning step, the very
+    gradient batches the uninterrupted run drew (the sampler's stream does not start afresh), and
+    ends with the same masks."""
+    from sparseml.pytorch.optim import ScheduledModifierManager
+
+    full_drawn: list = []
+    full_model = tiny_model()
+    full = ScheduledModifierManager.from_yaml(recipe())
+    _run_steps(full_model, full, 0, 24, full_drawn)
+    assert len(full_drawn) == 5 and len({tuple(d) for d in full_drawn}) == 5  # a new draw per step
+
+    drawn: list = []
+    model = tiny_model()
+    first = ScheduledModifierManager.from_yaml(recipe())
+    adam = _run_steps(model, first, 0, 6, drawn)  # pruning steps at steps 0 and 4
+    checkpoint = copy.deepcopy(model.state_dict()), copy.deepcopy(adam.state_dict())
+    resumed_model = tiny_model()
+    resumed_model.load_state_dict(checkpoint[0])
+    resumed_adam = torch.optim.AdamW(resumed_model.parameters(), lr=1e-3)
+    resumed_adam.load_state_dict(checkpoint[1])
+    resumed = ScheduledModifierManager.from_yaml(recipe())
+    resumed.apply_structure(resumed_model, epoch=6 / 8)
+    _run_steps(resumed_model, resumed, 6, 24, drawn, adam=resumed_adam)
+    assert drawn == full_drawn
+    for mine, reference in zip(ours(resumed).keep_masks, ours(full).keep_masks, strict=True):
+        assert torch.equal(mine, reference)
+
+
+def test_pruning_steps_train_on_their_batch():
+    """The pruning step runs inside the optimizer step; the optimizer still updates every parameter
+    with that step's training batch: as many Adam updates with pruning steps as without."""
+    from sparseml.pytorch.optim import ScheduledModifierManager
+
+    no_pruning = "modifiers:\n  - !EpochRangeModifier\n    start_epoch: 0.0\n    end_epoch: 3.0\n"
+    counts = {}
+    for name, text in (("pruning", recipe()), ("none", no_pruning)):
+        model = tiny_model()
+        manager = ScheduledModifierManager.from_yaml(text)
+        adam = _run_steps(model, manager, 0, 12, [])
+        counts[name] = sorted({int(adam.state[p]["step"]) for p in model.parameters()})
+        if name == "pruning":
+            assert ours(manager).pruning_steps_done == 3  # at steps 0, 4 and 8
+    assert counts["pruning"] == counts["none"] == [12]

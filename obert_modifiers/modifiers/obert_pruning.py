@@ -26,11 +26,15 @@ changing its tag), plus ``memory_budget_gb``::
       memory_budget_gb: null     # e.g. 2.0: cap on the step's extra memory (groups in turn)
 
 Lifecycle: the trainer's ``grad_sampler`` (initialize kwarg) supplies gradients; a pruning step runs
-in ``update`` when the schedule says so; masks are re-applied after every optimizer step while the
-modifier is active (and after ``end_epoch`` with ``leave_enabled``). Resume: SparseML restarts its
-step counter at epoch 0 when training resumes from a checkpoint, but it passes the checkpoint's epoch
-to ``apply_structure``; the modifier records it there, replays its schedule up to that point, takes
-the masks from the zeros of the loaded weights, and shifts the epochs it sees accordingly.
+in ``update`` when the schedule says so, on gradient batches seeded by (seed, training step), and
+leaves the step's training gradients for the optimizer; masks are re-applied after every optimizer
+step while the modifier is active (and after ``end_epoch`` with ``leave_enabled``).
+
+Resume: SparseML restarts its step counter at epoch 0 when training resumes from a checkpoint, but
+it passes the checkpoint's epoch to ``apply_structure``; the modifier records it there, replays its
+schedule up to that point, takes the masks from the zeros of the loaded weights, and shifts the
+epochs it sees accordingly. With the per-step gradient seeds and the optimizer state restored
+(``compat.scheduled_optimizer_state``), a resumed run ends bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import logging
 import math
 from typing import Any
 
+import numpy
 import torch
 from sparseml.optim import BaseModifier
 from sparseml.pytorch.sparsification.modifier import PyTorchModifierYAML, ScheduledUpdateModifier
@@ -131,9 +136,9 @@ class OBertPruningModifier(ScheduledUpdateModifier):
         self._module = module
         self._names, self._weights = self._find_params(module)
         self._check_memory_budget()
-        self._grad_sampler = GradSampler(
-            sampler["data_loader_builder"](self._grad_sampler_kwargs), sampler["loss_function"]
-        )
+        self._grad_sampler = sampler
+        # the gradient batches of a pruning step are a function of (this seed, the step): see _sampler
+        self._sampler_seed = torch.initial_seed()
         if self._resume_epoch > 0:  # resumed: pruned weights are the zeros of the loaded checkpoint
             self._masks = [w.detach() != 0 for w in self._weights]
         else:
@@ -223,15 +228,37 @@ class OBertPruningModifier(ScheduledUpdateModifier):
         if epoch >= self.end_epoch:
             self._pruning_ended = True
 
+    def _sampler(self, epoch: float, steps_per_epoch: int, rank: int) -> GradSampler:
+        """A gradient sampler over a data stream of its own for the pruning step at ``epoch``.
+
+        Its batches depend only on the seed read at initialize (the trainer's ``--seed``), the
+        training step the pruning step runs at and the rank, never on earlier pruning steps or on the
+        global RNG: a run resumed from a checkpoint draws exactly the batches the uninterrupted run
+        drew. The trainer's ``data_loader_builder`` gets the recipe's ``grad_sampler_kwargs`` plus
+        ``generator`` (a seeded ``torch.Generator`` that its DataLoader shuffles with).
+        """
+        step = round(epoch * steps_per_epoch) if math.isfinite(epoch) else -1
+        entropy = [self._sampler_seed, step + 1, rank]
+        seed = int(numpy.random.SeedSequence(entropy).generate_state(1, dtype=numpy.uint64)[0]) >> 1
+        kwargs = {**(self._grad_sampler_kwargs or {}), "generator": torch.Generator().manual_seed(seed)}
+        batches = self._grad_sampler["data_loader_builder"](kwargs)
+        return GradSampler(batches, self._grad_sampler["loss_function"])
+
     def _prune(self, module: Module, target: float, epoch: float, steps_per_epoch: int) -> None:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         tracked = {id(w) for w in self._weights}
         others = [p for p in module.parameters() if id(p) not in tracked]
         was_training = module.training
+        sampler = self._sampler(epoch, steps_per_epoch, rank)
+        # the pruning step runs inside the optimizer step: the gradients of this step's training batch
+        # are already in .grad; keep them aside so the optimizer still trains on that batch
+        training_grads = [(p, p.grad) for p in module.parameters()]
+        for p, _ in training_grads:
+            p.grad = None
         module.eval()  # deterministic gradients (no dropout), as SparseML's OBS does
 
         def sample(count: int):
-            yield from self._grad_sampler.iter_module_backwards(module, count, progress_bar=rank == 0)
+            yield from sampler.iter_module_backwards(module, count, progress_bar=rank == 0)
 
         try:
             stats = obs_prune_step(
@@ -251,7 +278,8 @@ class OBertPruningModifier(ScheduledUpdateModifier):
             )
         finally:
             module.train(was_training)
-            module.zero_grad()
+            for p, grad in training_grads:  # drops the sampler's gradients
+                p.grad = grad
         self._steps_done += 1
         self._last_sparsity = [target] * len(self._weights)
         self._last_stats = stats
