@@ -33,7 +33,7 @@ This module imports neither SparseML nor torch.
 from __future__ import annotations
 
 import ast
-import copy
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -48,6 +48,7 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import model_validator
+from yaml.constructor import SafeConstructor
 
 from obert_modifiers.errors import ObertError
 from obert_modifiers.params import (
@@ -357,7 +358,14 @@ def read_recipe_text(source: str | Path) -> tuple[str, int, str]:
 
 def _load_yaml(text: str, offset: int, name: str) -> Any:
     class Loader(yaml.SafeLoader):
-        pass
+        # YAML's own safe constructors only: SparseML registers its modifiers on SafeLoader
+        # ('!pytorch.Tag'), and those must not build SparseML objects here
+        yaml_constructors = {
+            k: v for k, v in SafeConstructor.yaml_constructors.items() if not str(k).startswith("!")
+        }
+        yaml_multi_constructors = {
+            k: v for k, v in SafeConstructor.yaml_multi_constructors.items() if not str(k).startswith("!")
+        }
 
     def construct(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Tagged:
         line = node.start_mark.line + 1 + offset
@@ -456,8 +464,8 @@ def _apply_recipe_args(container: dict, overrides: Mapping[str, Any], name: str)
         if not found:
             known = _variable_names(container)
             raise RecipeError(
-                f"{name}: recipe_args sets '{var}', which is not a variable of the recipe "
-                f"(its variables: {', '.join(known) or 'none'}); set it in the recipe first"
+                f"{name}: recipe_args: '{var}' is not a variable of the recipe "
+                f"(its variables: {', '.join(known) or 'none'}); only existing variables can be set"
             )
 
 
@@ -592,11 +600,13 @@ class PlannedModifier:
 
     @property
     def start_epoch(self) -> float:
-        return self.epochs[0] if self.epochs else getattr(self.params, "start_epoch", -1.0)
+        """The start epoch SparseML's modifier holds (what it sorts and schedules by)."""
+        return self.sparseml_props().get("start_epoch", -1.0)
 
     @property
     def end_epoch(self) -> float:
-        return self.epochs[1] if self.epochs else getattr(self.params, "end_epoch", -1.0)
+        """The end epoch SparseML's modifier holds (``!SetLearningRateModifier``: always -1)."""
+        return self.sparseml_props().get("end_epoch", -1.0)
 
     def sparseml_props(self) -> dict[str, Any]:
         """The keys SparseML's modifier serialises (sorted, None left out) with its values."""
@@ -930,13 +940,11 @@ def compose(base: RecipePlan, additional: RecipePlan) -> RecipePlan:
     for modifiers in base_stages.values():
         for m in modifiers:
             if m.end_epoch == -1:
-                m.epochs = (m.start_epoch, float(shift))
+                m.epochs = (m.start_epoch, shift)  # SparseML writes the int max_epochs
     for stage, modifiers in more_stages.items():
         for m in modifiers:
             end = m.end_epoch if m.end_epoch == -1 else m.end_epoch + shift
             m.epochs = (max(0.0, m.start_epoch) + shift, end)
-            if m.tag == "SetLearningRateModifier":
-                m.epochs = (m.epochs[0], -1.0)
             for extra in _EXTRA_EPOCH_KEYS.get(m.tag, ()):
                 value = getattr(m.params, extra, None)
                 if value is not None:
@@ -954,7 +962,10 @@ def compose(base: RecipePlan, additional: RecipePlan) -> RecipePlan:
 
 
 def _copy_stages(plan: RecipePlan) -> dict[str | None, list[PlannedModifier]]:
-    return {stage: [copy.copy(m) for m in modifiers] for stage, modifiers in plan.stages.items()}
+    return {
+        stage: [dataclasses.replace(m, extra=dict(m.extra)) for m in modifiers]
+        for stage, modifiers in plan.stages.items()
+    }
 
 
 # --------------------------------------------------------------------------------------------
