@@ -71,6 +71,7 @@ setup(
         "pydantic>=2",
         "pyyaml",
         "typer>=0.12",
+        "click",  # cli.py uses it directly (typer no longer depends on it)
         "rich>=13",
         "tqdm",
     ],

@@ -58,6 +58,7 @@ class RecipeSummary:
     max_epochs: float | None
     variables: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    engine: str = "sparseml"  # or "native" (obert_modifiers.native.recipe, where SparseML is absent)
 
 
 def _fail(path: Path, message: str, line: int | None = None) -> RecipeCheckError:
@@ -445,6 +446,7 @@ def _check_recipe_native(path: Path, recipe_args: str | dict | None) -> RecipeSu
         max_epochs=plan.max_epochs,
         variables=variables,
         warnings=_schedule_warnings(summaries, plan.max_epochs),
+        engine="native",
     )
 
 

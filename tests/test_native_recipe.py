@@ -433,6 +433,9 @@ def test_recipe_check_runs_on_the_native_engine_without_sparseml(tmp_path):
     assert payload["max_epochs"] == plan.max_epochs
     assert [m["tag"] for m in payload["modifiers"]] == [m.tag for m in plan.modifiers]
     assert "sparseml" not in result.stderr.lower()
+    result = _recipe_check(str(path), block=True)
+    assert result.returncode == 0, result.stderr
+    assert "recipe OK: the native engine resolves it; training epochs: 12" in " ".join(result.stdout.split())
     bad = _write(tmp_path, BAD["sparseml-builtin"][0])
     result = _recipe_check(str(bad), block=True)
     assert result.returncode == 2
