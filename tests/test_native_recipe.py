@@ -241,6 +241,20 @@ def test_the_written_recipe_reloads_on_both_stacks(sparseml_manager, tmp_path, p
     assert load_recipe(theirs).to_yaml() == theirs.read_text() == saved.read_text()
 
 
+@pytest.mark.parametrize("name", ["qat.yaml", "minilm_3l_drop_prune_qat.yaml"])
+def test_metadata_the_trainer_writes_is_carried_over(sparseml_manager, tmp_path, name):
+    """SparseML's trainer saves ``__metadata__`` (training arguments, framework versions) with
+    the recipe; reading that folder natively and writing it again keeps it, byte for byte."""
+    theirs = tmp_path / "model" / RECIPE_NAME
+    metadata = {"per_device_train_batch_size": 8, "fp16": False}
+    manager = sparseml_manager.from_yaml(str(ROOT / "recipes" / name), metadata=metadata)
+    manager.save(str(theirs))
+    assert "framework_metadata" in theirs.read_text()
+    plan = load_recipe(theirs)
+    assert plan.to_yaml() == theirs.read_text()
+    assert str(sparseml_manager.from_yaml(str(plan.save(tmp_path / "again")))) == theirs.read_text()
+
+
 @pytest.mark.parametrize(
     ("base", "more"),
     [
@@ -334,6 +348,10 @@ BAD = {
         "modifiers:\n  - !EpochRangeModifier\n    start_epoch: 0\n    end_epoch: eval(__import__('os'))\n",
         "recipe.yaml:2: !EpochRangeModifier key 'end_epoch': eval(__import__('os')):",
     ),
+    "complex-result": (
+        "modifiers:\n  - !EpochRangeModifier\n    start_epoch: 0\n    end_epoch: eval((0 - 1) ** 0.5)\n",
+        "eval() must give a number",
+    ),
     "unary-minus": (
         "x: 1\nmodifiers:\n  - !EpochRangeModifier\n    start_epoch: 0\n    end_epoch: eval(-x + 2)\n",
         "SparseML's eval() cannot negate",
@@ -368,7 +386,7 @@ def test_refusals_name_the_place(tmp_path, case):
 
 @pytest.mark.parametrize(
     "case", ["unknown-tag", "misspelled-key", "missing-variable-in-modifier", "missing-variable", "cycle",
-             "bad-eval", "unary-minus", "bad-recipe-args", "no-modifiers"]
+             "bad-eval", "unary-minus", "complex-result", "bad-recipe-args", "no-modifiers"]
 )  # fmt: skip
 def test_what_the_engine_refuses_sparseml_refuses_too(sparseml_manager, tmp_path, case):
     path = _write(tmp_path, BAD[case][0])

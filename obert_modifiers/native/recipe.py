@@ -571,6 +571,8 @@ def _evaluate_value(value: Any, valid: Mapping[str, Any], other: Mapping[str, An
             raise RecipeError(f"{where}: {value} names '{error.name}', which is not a variable") from None
         except RecipeError as error:
             raise RecipeError(f"{where}: {error}") from None
+        if not isinstance(result, int | float):
+            raise RecipeError(f"{where}: {value} gives {result!r}; eval() must give a number")
         return result
     if isinstance(value, list):
         return [_evaluate_value(v, valid, other, where) for v in value]
