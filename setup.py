@@ -63,24 +63,42 @@ setup(
     },
     include_package_data=True,
     cmdclass={"build_py": BuildPyWithHook, "editable_wheel": EditableWheelWithHook},
+    # The base install is light (the recipe engine, the parameter models, the CLI): no torch, no SparseML.
+    # A training stack comes as an extra, one of two that cannot share an environment (constraints.txt
+    # vs constraints-modern.txt): [sparseml] is the SparseML 1.8 stack `make venv` installs, [modern] is
+    # today's torch/transformers 5/numpy 2 stack `make venv-modern` installs; it never pulls SparseML.
     install_requires=[
-        "torch>=2.3",
-        "sparseml[transformers]==1.8.0",
-        "sparsezoo==1.8.1",
-        "transformers>=4.40,<4.41",
-        "datasets>=2.18,<2.19",
-        "accelerate>=0.20.3,<0.29",
-        "onnx>=1.14,<1.15",
-        "onnxruntime>=1.16",
-        "pandas<3",
-        "pydantic>=2,<2.8",
+        "pydantic>=2",
+        "pyyaml",
         "typer>=0.12",
+        "click",  # cli.py uses it directly (typer no longer depends on it)
         "rich>=13",
         "tqdm",
-        "matplotlib",
-        "pyyaml",
     ],
     extras_require={
+        "sparseml": [
+            "torch>=2.3",
+            "sparseml[transformers]==1.8.0",
+            "sparsezoo==1.8.1",
+            "transformers>=4.40,<4.41",
+            "datasets>=2.18,<2.19",
+            "accelerate>=0.20.3,<0.29",
+            "onnx>=1.14,<1.15",
+            "onnxruntime>=1.16",
+            "pandas<3",
+            "pydantic>=2,<2.8",
+            "matplotlib",
+        ],
+        "modern": [
+            "torch>=2.13",
+            "transformers>=5,<6",
+            "accelerate>=1",
+            "safetensors",
+            "numpy>=2",
+            "onnx>=1.17",
+            "onnxruntime>=1.20",
+        ],
+        "test": ["pytest", "pytest-timeout"],
         "deepsparse": ["deepsparse==1.8.0"],
         "hub": [
             "fastapi",

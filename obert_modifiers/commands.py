@@ -269,7 +269,8 @@ def _print_recipe(summary) -> None:
         console.print(
             "variables: " + ", ".join(f"{k}={_format_value(v)}" for k, v in summary.variables.items())
         )
-    console.print(f"recipe OK: SparseML loads it; training epochs: {_format_value(summary.max_epochs)}")
+    loader = "the native engine resolves it" if summary.engine == "native" else "SparseML loads it"
+    console.print(f"recipe OK: {loader}; training epochs: {_format_value(summary.max_epochs)}")
     for warning in summary.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}")
 

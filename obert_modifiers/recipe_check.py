@@ -12,12 +12,20 @@ When the load fails, each modifier is loaded alone through SparseML's loader to 
 Multi-stage (staged) recipes are supported: every message about a modifier names its stage, and
 ``recipe_args`` may set global variables or variables of a stage (SparseML sets every variable of
 that name, as ``--recipe_args`` does in training).
+
+Where SparseML is not installed (the modern environment, ``make venv-modern``), or with
+``OBERT_RECIPE_ENGINE=native``, the same text checks run and the recipe is then resolved by the
+native engine (:mod:`obert_modifiers.native.recipe`), which gives the same modifiers, parameters
+and epochs without importing SparseML; SparseML built-ins it does not run are refused by name.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +58,7 @@ class RecipeSummary:
     max_epochs: float | None
     variables: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    engine: str = "sparseml"  # or "native" (obert_modifiers.native.recipe, where SparseML is absent)
 
 
 def _fail(path: Path, message: str, line: int | None = None) -> RecipeCheckError:
@@ -297,6 +306,8 @@ def check_recipe(path: str | Path, recipe_args: str | dict | None = None) -> Rec
     text, offset = _read_recipe_text(path)
     check_recipe_yaml(text, path, offset)
     _check_tag_lines(path, text, offset)
+    if not sparseml_available():
+        return _check_recipe_native(path, recipe_args)
 
     from sparseml.optim.helpers import (
         evaluate_recipe_yaml_str_equations,
@@ -388,6 +399,54 @@ def check_recipe(path: str | Path, recipe_args: str | dict | None = None) -> Rec
         max_epochs=max_epochs,
         variables=recipe_vars,
         warnings=_schedule_warnings(summaries, max_epochs),
+    )
+
+
+ENGINE_VARIABLE = "OBERT_RECIPE_ENGINE"
+
+
+def sparseml_available() -> bool:
+    """Whether ``obert recipe check`` loads recipes with SparseML: it is installed (and not blocked),
+    unless ``OBERT_RECIPE_ENGINE=native`` asks for the native engine."""
+    if os.environ.get(ENGINE_VARIABLE, "").strip().lower() == "native":
+        return False
+    if "sparseml" in sys.modules:
+        return sys.modules["sparseml"] is not None
+    try:
+        return importlib.util.find_spec("sparseml") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _check_recipe_native(path: Path, recipe_args: str | dict | None) -> RecipeSummary:
+    """:func:`check_recipe` without SparseML: the native engine resolves the recipe."""
+    from obert_modifiers.native.recipe import RecipeError, load_recipe
+
+    try:
+        plan = load_recipe(path, recipe_args)
+    except RecipeError as error:
+        raise RecipeCheckError(str(error)) from None
+    summaries = []
+    for modifier in plan.modifiers:
+        params = modifier.sparseml_props()
+        summaries.append(
+            ModifierSummary(
+                index=len(summaries) + 1,
+                stage=modifier.stage,
+                tag=modifier.tag,
+                start_epoch=params.pop("start_epoch", None),
+                end_epoch=params.pop("end_epoch", None),
+                params=params,
+            )
+        )
+    variables = {k: v for k, v in plan.variables.items() if "." not in k and not isinstance(v, dict)}
+    return RecipeSummary(
+        path=path,
+        modifiers=summaries,
+        max_epochs=plan.max_epochs,
+        variables=variables,
+        warnings=_schedule_warnings(summaries, plan.max_epochs),
+        engine="native",
     )
 
 
