@@ -1,0 +1,289 @@
+"""Question answering and token classification, end to end, as text classification is tested.
+
+- ``obert data prepare squad|conll`` on the hand-written fixtures in ``tests/fixtures/`` (and its
+  validation errors, which name the file and line);
+- SparseML's STOCK ``sparseml.transformers.train.question_answering`` / ``...token_classification``
+  scripts run recipes with our tags: a dense tiny model first (the teacher), then one student run that
+  drops layers, prunes with oBERT to the target sparsity and distils ``start_logits``/``end_logits``
+  (QA, teacher folder) or ``logits`` (tokens, teacher ``self``), then QAT on the pruned student;
+- save, reload, ``obert export --task ...`` with parity, and the exported folders answer the same in
+  DeepSparse's pipelines, in ONNX Runtime and in PyTorch;
+- benchmark inputs, parity samples and model-card metrics of both tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from obert_modifiers.data import DataPrepareError, prepare_conll, prepare_squad, read_conll, read_squad
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SQUAD = FIXTURES / "squad_small.json"
+CONLL = FIXTURES / "conll_small.txt"
+BIN = Path(sys.executable).parent
+SEQ = 64  # contexts are longer than this with their question: the QA runs split them with DOC_STRIDE
+DOC_STRIDE = 24
+ENCODER = "re:bert.encoder.layer.*.(attention.self.(query|key|value)|attention.output.dense|intermediate.dense|output.dense).weight"  # noqa: E501
+
+# ------------------------------------------------------------------------------ recipes of the runs
+DENSE_RECIPE = """
+num_epochs: 12.0
+training_modifiers:
+  - !EpochRangeModifier
+    start_epoch: 0.0
+    end_epoch: eval(num_epochs)
+  - !LearningRateFunctionModifier
+    lr_func: linear
+    init_lr: 3.0e-3
+    final_lr: 1.0e-4
+    start_epoch: 0.0
+    end_epoch: eval(num_epochs)
+"""
+
+# one run: layers 4 -> 2 (before training), oBERT block4 pruning 0.5 -> 0.75 (cubic, steps at
+# epochs 0, 1, 2), distillation of the task's outputs from the teacher all along
+STUDENT_RECIPE = """
+num_epochs: 4.0
+final_sparsity: 0.75
+training_modifiers:
+  - !EpochRangeModifier
+    start_epoch: 0.0
+    end_epoch: eval(num_epochs)
+  - !LearningRateFunctionModifier
+    lr_func: linear
+    init_lr: 2.0e-3
+    final_lr: 1.0e-4
+    start_epoch: 0.0
+    end_epoch: eval(num_epochs)
+structure_modifiers:
+  - !LayerDropModifier
+    keep: 2
+    strategy: uniform
+    num_layers: 4
+pruning_modifiers:
+  - !OBertPruningModifier
+    params: ["%(encoder)s"]
+    init_sparsity: 0.5
+    final_sparsity: eval(final_sparsity)
+    start_epoch: 0.0
+    end_epoch: 2.0
+    update_frequency: 1.0
+    inter_func: cubic
+    mask_type: block4
+    global_sparsity: true
+    leave_enabled: true
+    num_grads: 8
+    damp: 1.0e-7
+    fisher_block_size: 32
+    num_recomputations: 1
+    grad_sampler_kwargs:
+      batch_size: 4
+distillation_modifiers:
+  - !OBertDistillationModifier
+    hardness: 0.5
+    temperature: 2.0
+    distill_output_keys: %(keys)s
+""".replace("%(encoder)s", ENCODER)
+
+QAT_RECIPE = """
+num_epochs: 2.0
+training_modifiers:
+  - !EpochRangeModifier
+    start_epoch: 0.0
+    end_epoch: eval(num_epochs)
+  - !LearningRateFunctionModifier
+    lr_func: linear
+    init_lr: 5.0e-4
+    final_lr: 1.0e-5
+    start_epoch: 0.0
+    end_epoch: eval(num_epochs)
+quantization_modifiers:
+  - !OBertQuantizationModifier
+    start_epoch: 0.0
+    freeze_observer_epoch: 1.0
+    exclude: [%(head)s]
+"""
+
+TASKS = {
+    "question-answering": {
+        "script": "sparseml.transformers.train.question_answering",
+        "keys": "[start_logits, end_logits]",
+        "head": "qa_outputs",
+        "extra": ["--doc_stride", str(DOC_STRIDE), "--per_device_eval_batch_size", "16"],
+    },
+    "token-classification": {
+        "script": "sparseml.transformers.train.token_classification",
+        "keys": "[logits]",
+        "head": "classifier",
+        "extra": ["--per_device_eval_batch_size", "16"],
+    },
+}
+
+
+def _env() -> dict[str, str]:
+    from conftest import OFFLINE_ENV
+
+    return {**os.environ, **OFFLINE_ENV}
+
+
+def stock_run(task: str, model: Path, data: Path, out: Path, recipe: str, teacher: str | None = None) -> Path:
+    """SparseML's unmodified training console script for ``task`` in a fresh process; the final model
+    saved as pytorch_model.bin (SparseML reloads structure only from it), no checkpoints."""
+    recipe_path = out.parent / f"{out.name}.recipe.yaml"
+    recipe_path.write_text(recipe)
+    command = [
+        str(BIN / TASKS[task]["script"]),
+        "--model_name_or_path", str(model),
+        "--train_file", str(data / "train.json"),
+        "--validation_file", str(data / "validation.json"),
+        "--do_train", "--do_eval",
+        "--max_seq_length", str(SEQ), "--per_device_train_batch_size", "8",
+        "--output_dir", str(out), "--overwrite_output_dir", "--report_to", "none",
+        "--save_strategy", "no", "--save_safetensors", "False", "--dataloader_num_workers", "0",
+        "--seed", "1", "--recipe", str(recipe_path),
+        *TASKS[task]["extra"],
+    ]  # fmt: skip
+    if teacher is not None:
+        command += ["--distill_teacher", teacher]
+    done = subprocess.run(command, cwd=out.parent, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{TASKS[task]['script']} failed:\n{(done.stdout + done.stderr)[-6000:]}"
+    for name in ("optimizer.pt", "scheduler.pt"):  # so the next stage starts fresh from this folder
+        (out / name).unlink(missing_ok=True)
+    return out
+
+
+def save_tiny_base(out: Path, num_layers: int = 4) -> Path:
+    """A tiny random ``BertModel`` (no task head: the stock scripts add theirs) with the MiniLM tokenizer."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from obert_modifiers.models import TOKENIZER_FILES, minilm_l6_dir
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128,
+    )  # fmt: skip
+    out.mkdir(parents=True)
+    BertModel(config).save_pretrained(out, safe_serialization=False)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(minilm_l6_dir() / name, out / name)
+    return out
+
+
+# ------------------------------------------------------------------------------ data prepare
+
+
+def test_prepare_squad_writes_the_stock_layout(tmp_path):
+    info = prepare_squad(SQUAD, tmp_path / "qa")
+    splits = {s: json.loads((tmp_path / "qa" / f"{s}.json").read_text())["data"] for s in info["counts"]}
+    assert sum(len(v) for v in splits.values()) == 40 and info["counts"]["test"] >= 4
+    contexts = {s: {r["context"] for r in rows} for s, rows in splits.items()}
+    assert not (contexts["train"] & contexts["test"]) and not (contexts["train"] & contexts["validation"])
+    for row in splits["train"]:
+        start, text = row["answers"]["answer_start"][0], row["answers"]["text"][0]
+        assert row["context"][start : start + len(text)] == text
+    again = prepare_squad(SQUAD, tmp_path / "qa", max_train=5)  # an earlier output is replaced
+    assert again["counts"]["train"] == 5 and again["counts"]["test"] == info["counts"]["test"]
+
+
+def test_prepare_conll_writes_the_stock_layout(tmp_path):
+    info = prepare_conll(CONLL, tmp_path / "tok")
+    rows = [json.loads(line) for line in (tmp_path / "tok" / "train.json").read_text().splitlines()]
+    assert set(rows[0]) == {"tokens", "ner_tags"} and len(rows) == info["counts"]["train"]
+    assert sum(info["counts"].values()) == 40
+    train_tags = {t for r in rows for t in r["ner_tags"]}
+    for split in ("validation", "test"):  # the stock script fails on a tag the training file lacks
+        lines = (tmp_path / "tok" / f"{split}.json").read_text().splitlines()
+        assert {t for line in lines for t in json.loads(line)["ner_tags"]} <= train_tags
+    assert info["labels"] == sorted(train_tags) and {"B-PER", "I-ORG", "B-MISC", "O"} <= train_tags
+
+
+def test_prepare_conll_moves_a_sentence_with_an_unseen_tag_into_train(tmp_path):
+    text = "\n\n".join(f"w{i} O\nx{i} B-LOC" for i in range(12)) + "\n\nrare B-EVENT\n"
+    source = tmp_path / "rare.txt"
+    source.write_text(text)
+    for seed in range(4):
+        info = prepare_conll(source, tmp_path / f"out{seed}", seed=seed)
+        assert info["label_counts"]["train"].get("B-EVENT") == 1
+
+
+def _squad_with(tmp_path, change) -> Path:
+    document = json.loads(SQUAD.read_text())
+    change(document)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(document, indent=1))
+    return path
+
+
+def _line_of(path: Path, needle: str) -> int:
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if needle in line)
+
+
+def test_squad_errors_name_file_line_and_what_is_right(tmp_path):
+    def shift(document):
+        document["data"][2]["paragraphs"][0]["qas"][1]["answers"][0]["answer_start"] += 3
+
+    path = _squad_with(tmp_path, shift)
+    with pytest.raises(DataPrepareError) as caught:
+        read_squad(path)
+    message = str(caught.value)
+    line = _line_of(path, '"fx010"')
+    assert message.startswith(f"{path}:{line}: data[2].paragraphs[0].qas[1]")
+    assert "answer_start" in message and "'seven months'" in message and "occurs at" in message
+
+    def duplicate(document):
+        document["data"][5]["paragraphs"][0]["qas"][0]["id"] = "fx003"
+
+    path = _squad_with(tmp_path, duplicate)
+    with pytest.raises(DataPrepareError, match=r"id 'fx003' is used twice \(first at line \d+\)"):
+        read_squad(path)
+
+    bad_json = tmp_path / "broken.json"
+    bad_json.write_text('{"data": [\n  {"title": "x",\n  }\n]}')
+    with pytest.raises(DataPrepareError, match=rf"^{bad_json}:3: not valid JSON"):
+        read_squad(bad_json)
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps([{"question": "q", "context": "c"}]))
+    with pytest.raises(DataPrepareError, match="expected a SQuAD v1.1 object"):
+        prepare_squad(flat, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize(
+    "lines, line, fragment",
+    [
+        (["Anna B-PER", "Berg I-PER", "", "runs O", "Oslo I-LOC"], 5, "follows O: a BIO entity starts with B-LOC"),
+        (["Anna B-PER", "Berg I-LOC"], 2, "follows B-PER"),
+        (["Anna NNP B-PER", "Berg NNP I-PER", "", "runs O"], 4, "2 columns, but line 1 has 3"),
+        (["Anna B-PER", "Berg PER"], 2, "tag 'PER' of token 'Berg' is not BIO"),
+        (["Anna"], 1, "has one column"),
+    ],
+)
+def test_conll_errors_name_file_and_line(tmp_path, lines, line, fragment):
+    path = tmp_path / "bad.txt"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataPrepareError) as caught:
+        read_conll(path)
+    assert str(caught.value).startswith(f"{path}:{line}: ") and fragment in str(caught.value)
+
+
+def test_cli_data_prepare_user_files(tmp_path):
+    obert = [str(BIN / "obert"), "data", "prepare"]
+    done = subprocess.run(
+        [*obert, "conll", "--file", str(CONLL), "--out", str(tmp_path / "tok")],
+        env=_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "tok" / "data.json").read_text())["task"] == "token-classification"
+    done = subprocess.run(
+        [*obert, "squad", "--out", str(tmp_path / "qa")], env=_env(), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0 and "needs --file" in done.stderr and "Traceback" not in done.stderr
