@@ -502,3 +502,129 @@ def test_deepsparse_and_onnxruntime_pipelines_answer_like_pytorch(trained, expor
     int8_model, _, _ = load_model(trained[task]["qat"], task)
     int8_reference = _answers(task, exported[task]["int8"], "onnxruntime", model=int8_model)
     assert _answers(task, exported[task]["int8"], "onnxruntime") == int8_reference
+
+
+# ------------------------------------------------------------------------------ export / benchmark inputs
+
+
+def save_tiny_head(out: Path, task: str) -> Path:
+    """A tiny random BERT with a QA head or a token head (tag names as its labels), as a trained
+    folder looks to ``obert export``."""
+    import torch
+    from transformers import BertConfig, BertForQuestionAnswering, BertForTokenClassification
+
+    from obert_modifiers.models import TOKENIZER_FILES, minilm_l6_dir
+
+    torch.manual_seed(0)
+    tags = ["B-LOC", "B-PER", "I-PER", "O"] if task == "token-classification" else ["start", "end"]
+    config = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128, id2label=dict(enumerate(tags)),
+        label2id={tag: i for i, tag in enumerate(tags)},
+    )  # fmt: skip
+    model_class = BertForQuestionAnswering if task == "question-answering" else BertForTokenClassification
+    out.mkdir(parents=True)
+    model_class(config).save_pretrained(out, safe_serialization=False)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(minilm_l6_dir() / name, out / name)
+    return out
+
+
+def test_qa_parity_samples_are_question_context_pairs_in_doc_stride_windows():
+    from transformers import AutoTokenizer
+
+    from obert_modifiers.export.parity import SAMPLE_QA_PAIRS, qa_sample_batches
+    from obert_modifiers.models import minilm_l6_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_l6_dir())
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    for length in (8, 64, 384):
+        batches = qa_sample_batches(tokenizer, names, length)
+        (_, windows), (_, full), (_, single) = batches
+        assert windows["input_ids"].shape[1] <= length and full["input_ids"].shape[1] == length
+        assert (windows["token_type_ids"] == 1).any()  # the context is the second segment
+        if length >= 64:
+            assert len(windows["input_ids"]) > len(SAMPLE_QA_PAIRS) or length == 384
+            assert len(single["input_ids"]) >= 2  # the long context needs more than one window
+            cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+            for row in single["input_ids"]:
+                assert row[0] == cls and (row == sep).sum() == 2  # [CLS] question [SEP] context [SEP]
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_export_and_benchmark_take_each_tasks_inputs(task, tmp_path):
+    from obert_modifiers.bench.runner import make_inputs, run_benchmark, task_of
+    from obert_modifiers.export import export_deployment
+    from obert_modifiers.export.parity import SAMPLE_QA_PAIRS, SAMPLE_TEXTS
+
+    model_dir = save_tiny_head(tmp_path / "model", task)
+    result = export_deployment(model_dir, tmp_path / "deploy", task=task, sequence_length=32, progress=False)
+    config = json.loads((tmp_path / "deploy" / "config.json").read_text())
+    if task == "token-classification":  # tag names stay strings (DeepSparse's pipeline reads them)
+        assert config["id2label"] == {"0": "B-LOC", "1": "B-PER", "2": "I-PER", "3": "O"}
+    if task == "question-answering":
+        # 4 pairs windowed twice, plus a long context's windows: more samples than pairs or texts
+        assert result.num_samples > 2 * len(SAMPLE_QA_PAIRS) + 2
+        assert result.num_samples != len(SAMPLE_TEXTS) + 4
+    else:
+        assert result.num_samples == len(SAMPLE_TEXTS) + 4
+    assert task_of(tmp_path / "deploy") == task
+    inputs = make_inputs(tmp_path / "deploy" / "model.onnx", 2, 32, task=task)
+    if task == "question-answering":
+        types = inputs["token_type_ids"][0]
+        assert types[0] == 0 and types[-1] == 1
+        assert inputs["input_ids"][0][8] == 102  # [SEP] after the question (a quarter of 32)
+    else:
+        assert not inputs["token_type_ids"].any()
+    (ort,) = run_benchmark(tmp_path / "deploy", engines=["onnxruntime"], sequence_length=32, seconds=0.2,
+                           warmup_seconds=0.05)  # fmt: skip
+    assert ort.ok, ort.error
+
+
+# ------------------------------------------------------------------------------ model card metrics
+
+STOCK_EVAL_RESULTS = {
+    # as the stock scripts write eval_results.json (squad metric: 0-100; seqeval: 0-1)
+    "question-answering": {"epoch": 30.0, "eval_exact_match": 81.5, "eval_f1": 88.25, "eval_samples": 10784},
+    "token-classification": {
+        "epoch": 3.0, "eval_accuracy": 0.98, "eval_f1": 0.91, "eval_loss": 0.05, "eval_precision": 0.9,
+        "eval_recall": 0.92, "eval_runtime": 3.1, "eval_samples": 3250, "eval_samples_per_second": 1000.0,
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_model_card_carries_the_tasks_metrics(task, tmp_path):
+    from obert_modifiers.zoo.card import card_facts
+    from obert_modifiers.zoo.card.render import render_body
+
+    folder = tmp_path / "trained"
+    folder.mkdir()
+    head = "BertForQuestionAnswering" if task == "question-answering" else "BertForTokenClassification"
+    config = {"architectures": [head], "model_type": "bert", "num_hidden_layers": 2}
+    if task == "token-classification":
+        config["finetuning_task"] = "ner"  # what the stock token script records
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "eval_results.json").write_text(json.dumps(STOCK_EVAL_RESULTS[task]))
+    card = card_facts(folder)
+    assert card.task == task
+    names = [m.name for m in card.metrics]
+    if task == "question-answering":
+        assert names == ["exact_match", "f1"] and card.metrics[1].value == 88.25
+    else:
+        assert names == ["precision", "recall", "f1", "accuracy"]
+        assert [m.value for m in card.metrics[:3]] == [0.9, 0.92, 0.91]
+    body = render_body(card, {})
+    assert ("SQuAD's (0-100)" if task == "question-answering" else "seqeval's entity-level") in body
+    assert "| recall |" in body or task == "question-answering"
+
+
+@pytest.mark.integration
+def test_model_card_from_a_stock_token_run(trained):
+    from obert_modifiers.zoo.card import card_facts
+
+    card = card_facts(trained["token-classification"]["student"])
+    assert card.task == "token-classification" and card.num_layers == 2
+    assert [m.name for m in card.metrics][:3] == ["precision", "recall", "f1"]
+    card = card_facts(trained["question-answering"]["dense"])
+    assert card.task == "question-answering" and [m.name for m in card.metrics] == ["exact_match", "f1"]
