@@ -37,10 +37,9 @@ from obert_modifiers.errors import ObertError
 TEST_FRACTION = 0.15
 VALIDATION_FRACTION = 0.10  # of the train+validation pool
 SPLITS = ("train", "validation", "test")
-# the bundled data sets write CSVs; a user's QA or token file (prepare_squad / prepare_conll) JSON
-OUTPUT_FILES = tuple(f"{split}.csv" for split in SPLITS) + tuple(f"{split}.json" for split in SPLITS) + (
-    "data.json",
-)
+OUTPUT_FILES = tuple(f"{split}.csv" for split in SPLITS) + ("data.json",)
+# an earlier output may also be a user's QA or token file written as JSON (prepare_squad / prepare_conll)
+PREPARED_FILES = OUTPUT_FILES + tuple(f"{split}.json" for split in SPLITS)
 
 # Rotten Tomatoes' categories, renamed to the SST-2 style names users expect.
 RT_LABELS = {"fresh": "positive", "rotten": "negative"}
@@ -195,7 +194,7 @@ def _check_out_dir(out_dir: Path) -> None:
     if out_dir.exists():
         if not out_dir.is_dir():
             raise DataPrepareError(f"{out_dir} exists and is not a folder")
-        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in OUTPUT_FILES)
+        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in PREPARED_FILES)
         if foreign:
             raise DataPrepareError(
                 f"{out_dir} holds files that are not prepared data ({', '.join(foreign[:5])}); "
