@@ -628,3 +628,54 @@ def test_model_card_from_a_stock_token_run(trained):
     assert [m.name for m in card.metrics][:3] == ["precision", "recall", "f1"]
     card = card_facts(trained["question-answering"]["dense"])
     assert card.task == "question-answering" and [m.name for m in card.metrics] == ["exact_match", "f1"]
+
+
+# ------------------------------------------------------------------------------ the paper's SQuAD recipes
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+SQUAD_RECIPES = {
+    # file: (mask_type, init_sparsity, final_sparsity, fisher_block_size, kept layers or None)
+    "squad_12layer_unstructured80.yaml": ("unstructured", 0.7, 0.8, 50, None),
+    "squad_12layer_unstructured90.yaml": ("unstructured", 0.7, 0.9, 50, None),
+    "squad_12layer_block4_80.yaml": ("block4", 0.7, 0.8, 32, None),
+    "squad_12layer_block4_90.yaml": ("block4", 0.7, 0.9, 32, None),
+    "squad_3layer_unstructured80.yaml": ("unstructured", 0.3, 0.8, 50, 3),
+}
+
+
+@pytest.mark.parametrize("name", list(SQUAD_RECIPES))
+def test_paper_squad_recipes_pass_obert_recipe_check(name):
+    """`obert recipe check` loads each ported recipe through SparseML with our tags, and the values are
+    the paper's: 30 epochs, pruning steps every 4 epochs from 2 to 26 (cubic, global), 1024 gradients,
+    distillation of start/end logits at hardness 1.0 and temperature 2.0."""
+    import typer
+    from typer.testing import CliRunner
+
+    from obert_modifiers import commands
+
+    app = typer.Typer()
+    commands.register(app)  # the `obert` command's own registration of `recipe check`
+    result = CliRunner().invoke(app, ["recipe", "check", str(RECIPES / name), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["max_epochs"] == 30 and not summary["warnings"]
+    by_tag = {}
+    for modifier in summary["modifiers"]:
+        by_tag.setdefault(modifier["tag"], []).append(modifier)
+    (prune,) = by_tag["OBertPruningModifier"]
+    mask, init, final, block, layers = SQUAD_RECIPES[name]
+    params = prune["params"]
+    assert (prune["start_epoch"], prune["end_epoch"]) == (2.0, 26.0)
+    assert (params["mask_type"], params["init_sparsity"], params["final_sparsity"]) == (mask, init, final)
+    assert params["fisher_block_size"] == block and params["num_grads"] == 1024 and params["damp"] == 1e-7
+    assert params["update_frequency"] == 4.0 and params["inter_func"] == "cubic" and params["global_sparsity"]
+    (distill,) = by_tag["OBertDistillationModifier"]
+    assert distill["params"]["distill_output_keys"] == ["start_logits", "end_logits"]
+    assert (distill["params"]["hardness"], distill["params"]["temperature"]) == (1.0, 2.0)
+    schedules = by_tag["LearningRateFunctionModifier"]
+    rates = sorted((m["params"]["lr_func"], m["params"]["init_lr"]) for m in schedules)
+    assert rates == [("cyclic_linear", 8e-5), ("linear", 8e-5)]
+    if layers is None:
+        assert "LayerDropModifier" not in by_tag
+    else:
+        assert by_tag["LayerDropModifier"][0]["params"]["keep"] == layers
