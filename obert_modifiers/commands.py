@@ -116,6 +116,16 @@ class DatasetName(StrEnum):
     tweets = "tweets"
 
 
+class PrepareName(StrEnum):
+    """`obert data prepare NAME`: a bundled data set, or the format of the user's --file."""
+
+    rt = "rt"
+    bbc = "bbc"
+    tweets = "tweets"
+    squad = "squad"
+    conll = "conll"
+
+
 def _console():
     from rich.console import Console
 
@@ -185,20 +195,41 @@ def register(app: typer.Typer) -> None:
 
     @data_app.command("prepare")
     def data_prepare(
-        name: DatasetName = typer.Argument(..., help="rt (Rotten Tomatoes), bbc (BBC News) or tweets"),
+        name: PrepareName = typer.Argument(
+            ...,
+            help="rt (Rotten Tomatoes), bbc (BBC News), tweets; or squad / conll for your own --file",
+        ),
         out: Path = typer.Option(..., "--out", help="Output folder (new, empty, or an earlier output)"),
-        max_train: int = typer.Option(None, "--max-train", min=1, help="Cap the training rows (stratified)"),
-        max_eval: int = typer.Option(None, "--max-eval", min=1, help="Cap the validation rows (stratified)"),
+        file: Path = typer.Option(
+            None, "--file", help="squad: a SQuAD v1.1 JSON file; conll: a CoNLL-style token file"
+        ),
+        max_train: int = typer.Option(None, "--max-train", min=1, help="Cap the training rows"),
+        max_eval: int = typer.Option(None, "--max-eval", min=1, help="Cap the validation rows"),
         seed: int = typer.Option(42, "--seed", help="Seed of the split and of the slices"),
     ):
-        """Write train/validation/test CSVs for a bundled data set.
+        """Write train/validation/test files for a bundled data set or your own QA / token file.
 
-        The texts are de-duplicated and split stratified with a fixed seed into CSVs (columns
-        sentence,label with label names) that the stock SparseML text-classification command reads.
-        The test split (15 %) does not depend on --max-train/--max-eval."""
-        from obert_modifiers.data import prepare
+        rt, bbc, tweets: the texts are de-duplicated and split stratified with a fixed seed into CSVs
+        (columns sentence,label with label names) that the stock SparseML text-classification command
+        reads. squad --file F: a SQuAD v1.1 JSON file (answers checked against their context, ids
+        unique) split by paragraph into train/validation/test.json for the stock question-answering
+        command. conll --file F: a CoNLL-style token file (token first, BIO tag last, blank lines
+        between sentences) split by sentence into train/validation/test.json (tokens, ner_tags) for
+        the stock token-classification command. The test split (15 %) does not depend on
+        --max-train/--max-eval."""
+        from obert_modifiers.data import USER_PREPARERS, DataPrepareError, prepare
 
         # DataPrepareError, MissingResourceError, DeploymentError: one line from the `obert` handler
+        if name.value in USER_PREPARERS:
+            if file is None:
+                raise DataPrepareError(f"obert data prepare {name.value} needs --file (your data file)")
+            info = USER_PREPARERS[name.value](file, out, max_train=max_train, max_eval=max_eval, seed=seed)
+            _print_user_data(out, info)
+            return
+        if file is not None:
+            raise DataPrepareError(
+                f"--file is for squad or conll; {name.value} is a bundled data set (drop --file)"
+            )
         info = prepare(name.value, out, max_train=max_train, max_eval=max_eval, seed=seed)
         _print_data(out, info)
 
@@ -293,3 +324,24 @@ def _print_data(out: Path, info: dict) -> None:
         f"{info['dedup']['unique'] - info['dedup']['conflicting_labels_dropped']} after de-duplication; "
         f"majority-class test accuracy {info['majority_class_test_accuracy']:.3f}; seed {info['seed']}"
     )
+
+
+def _print_user_data(out: Path, info: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{info['title']} -> {out}")
+    table.add_column("split")
+    unit = "questions" if info["task"] == "question-answering" else "sentences"
+    table.add_column(unit, justify="right")
+    extra = "paragraph_counts" if "paragraph_counts" in info else "token_counts"
+    table.add_column(extra.split("_")[0] + "s", justify="right")
+    for split, count in info["counts"].items():
+        table.add_row(split, str(count), str(info[extra][split]))
+    console = _console()
+    console.print(table)
+    train_file = out / "train.json"
+    note = f"for the stock {info['task']} command (--train_file {train_file} ...), seed {info['seed']}"
+
+    if info.get("labels"):
+        note = f"tags: {', '.join(info['labels'])}; " + note
+    console.print(note)

@@ -36,6 +36,7 @@ __all__ = [
     "make_inputs",
     "run_benchmark",
     "run_deepsparse_benchmark_cli",
+    "task_of",
 ]
 
 ENGINES = ("deepsparse", "onnxruntime")
@@ -119,11 +120,56 @@ def _check_sequence_length(deployment_dir: Path, sequence_length: int) -> None:
         )
 
 
+def _special_ids(folder: Path | None) -> tuple[int, int]:
+    """``([CLS], [SEP])`` ids from the folder's ``vocab.txt`` (BERT WordPiece), else BERT's 101, 102."""
+    ids = {"[CLS]": 101, "[SEP]": 102}
+    vocab = folder / "vocab.txt" if folder is not None else None
+    if vocab is not None and vocab.is_file():
+        try:
+            with open(vocab, encoding="utf-8") as handle:
+                for index, line in enumerate(handle):
+                    if line.strip() in ids:
+                        ids[line.strip()] = index
+        except (OSError, UnicodeDecodeError):
+            pass
+    return ids["[CLS]"], ids["[SEP]"]
+
+
+def task_of(folder: Path) -> str:
+    """The folder's task: ``export.json``'s ``task``, else from ``config.json``'s architecture, else
+    text classification."""
+    try:
+        task = json.loads((folder / "export.json").read_text()).get("task")
+    except (OSError, ValueError, AttributeError):
+        task = None
+    if isinstance(task, str) and task:
+        return task
+    architectures = _config(folder).get("architectures") or []
+    for name in architectures if isinstance(architectures, list) else []:
+        if str(name).endswith("ForQuestionAnswering"):
+            return "question-answering"
+        if str(name).endswith("ForTokenClassification"):
+            return "token-classification"
+    return "text-classification"
+
+
 def make_inputs(
-    onnx_path: Path, batch_size: int, sequence_length: int, vocab_size: int = 30522, seed: int = 0
+    onnx_path: Path,
+    batch_size: int,
+    sequence_length: int,
+    vocab_size: int = 30522,
+    seed: int = 0,
+    task: str = "text-classification",
+    special_ids: tuple[int, int] = (101, 102),
 ) -> dict[str, Any]:
     """A synthetic batch for every model input: random token ids (avoiding the special tokens
-    at the start of BERT vocabularies), an all-ones attention mask, zero token types."""
+    at the start of BERT vocabularies), an all-ones attention mask, zero token types.
+
+    ``task="question-answering"`` builds what a QA model is served: ``[CLS] question [SEP] context
+    [SEP]`` windows (a quarter of the sequence for the question) with ``token_type_ids`` 1 on the
+    context, the layout of a doc-stride window filled to ``sequence_length``. Token and text
+    classification take one segment (``[CLS] text [SEP]``); token classification's per-token
+    outputs cost the same to compute."""
     import numpy as np
     import onnx
 
@@ -134,19 +180,26 @@ def make_inputs(
         message = " ".join(str(error).split()) or error.__class__.__name__
         raise BenchmarkError(f"{onnx_path} is not a readable ONNX model: {message}") from None
     initializers = {init.name for init in model.graph.initializer}
+    shape = (batch_size, sequence_length)
+    cls_id, sep_id = special_ids
+    ids = rng.integers(min(1000, vocab_size - 1), vocab_size, size=shape, dtype=np.int64)
+    types = np.zeros(shape, dtype=np.int64)
+    if task == "question-answering" and sequence_length >= 5:
+        question_end = max(2, sequence_length // 4)  # [CLS] q... [SEP] at question_end
+        ids[:, 0], ids[:, question_end], ids[:, -1] = cls_id, sep_id, sep_id
+        types[:, question_end + 1 :] = 1
+    elif task in ("text-classification", "token-classification") and sequence_length >= 2:
+        ids[:, 0], ids[:, -1] = cls_id, sep_id
     inputs: dict[str, Any] = {}
     for value in model.graph.input:
         if value.name in initializers:
             continue
-        shape = (batch_size, sequence_length)
         if "mask" in value.name:
             inputs[value.name] = np.ones(shape, dtype=np.int64)
         elif "type" in value.name:
-            inputs[value.name] = np.zeros(shape, dtype=np.int64)
+            inputs[value.name] = types.copy()
         else:
-            inputs[value.name] = rng.integers(
-                min(1000, vocab_size - 1), vocab_size, size=shape, dtype=np.int64
-            )
+            inputs[value.name] = ids.copy()
     return inputs
 
 
@@ -271,7 +324,14 @@ def run_benchmark(
 
     results: dict[str, BenchmarkResult] = {}
     with tempfile.TemporaryDirectory(prefix="obert-bench-") as scratch:
-        inputs = make_inputs(source, batch_size, sequence_length, _vocab_size(folder))
+        inputs = make_inputs(
+            source,
+            batch_size,
+            sequence_length,
+            _vocab_size(folder),
+            task=task_of(folder),
+            special_ids=_special_ids(folder),
+        )
         for engine in sorted(engines, key=lambda e: e != "onnxruntime"):
             reason = engine_available(engine)
             if reason:

@@ -1,5 +1,11 @@
 """The ONNX/PyTorch parity check: the same real sentences through ONNX Runtime and PyTorch,
-compared output by output, before a deployment folder is declared good."""
+compared output by output, before a deployment folder is declared good.
+
+The inputs follow the model's task: single sentences for text and token classification (a token
+model's outputs are compared per token), question + context pairs for question answering, with
+contexts longer than the sequence split into overlapping windows (``doc_stride``) as the stock QA
+script and DeepSparse's QA pipeline split them, so the second segment (``token_type_ids`` = 1) and
+the windowing are covered too."""
 
 from __future__ import annotations
 
@@ -31,6 +37,43 @@ SAMPLE_TEXTS = (
 )
 
 
+# Question + context pairs (hand-written): a short context, a long one that needs several windows
+# at 64-128 tokens, and one whose answer lies past the first window.
+SAMPLE_QA_PAIRS = (
+    ("Who opened the bakery?", "The bakery on Quay Street was opened in 1987 by Marta Olsen."),
+    (
+        "How long did the flight take?",
+        "The rover landed in a wide crater on a spring morning after a flight of seven months. It carries "
+        "a drill that can reach two meters below the surface, a camera on a mast and a small weather "
+        "station. Engineers in Toulouse steer it with commands that take eleven minutes to arrive, and "
+        "its first sample, taken from a dry river bed near the crater wall, contained traces of clay.",
+    ),
+    (
+        "Which day is the library closed?",
+        "The new city library has five floors and holds more than two hundred thousand books, maps and "
+        "records. The architect placed the reading rooms on the top floor so that readers could see the "
+        "river and the old harbour, and gave the children a floor of their own with a puppet theater, a "
+        "garden and a room for music lessons. After a year of work on the roof the library is open again "
+        "every day except Monday.",
+    ),
+    ("What fell?", "Shares fell."),
+)
+QA_ARCHITECTURE_SUFFIX = "ForQuestionAnswering"
+
+
+def is_question_answering(model) -> bool:
+    """True for a model with a question-answering head (``start_logits`` / ``end_logits``)."""
+    return type(model).__name__.endswith(QA_ARCHITECTURE_SUFFIX) or any(
+        str(name).endswith(QA_ARCHITECTURE_SUFFIX)
+        for name in (getattr(getattr(model, "config", None), "architectures", None) or [])
+    )
+
+
+def doc_stride_for(sequence_length: int) -> int:
+    """The overlap of consecutive context windows: a quarter of the sequence, at least 1 token
+    (the stock QA script's default is 128 of 384)."""
+    return max(1, sequence_length // 4)
+
 
 def _input_names(model, tokenizer) -> list[str]:
     import inspect
@@ -38,6 +81,55 @@ def _input_names(model, tokenizer) -> list[str]:
     encoded = tokenizer(["a"], return_tensors="pt")
     forward_args = list(inspect.signature(model.forward).parameters)
     return [name for name in forward_args if name in encoded]
+
+
+def qa_sample_batches(
+    tokenizer,
+    input_names: Sequence[str],
+    sequence_length: int,
+    pairs: Sequence[tuple[str, str]] = SAMPLE_QA_PAIRS,
+    pad_to_full: bool = False,
+    doc_stride: int | None = None,
+) -> list[tuple[str, OrderedDict[str, Any]]]:
+    """Named question-answering batches: every ``(question, context)`` pair, the context truncated
+    into overlapping windows of ``sequence_length`` tokens (``doc_stride`` overlap, as the stock QA
+    script and DeepSparse's pipeline do), padded to the longest window; the same padded to
+    ``sequence_length``; and one context repeated until it needs at least two windows."""
+    stride = doc_stride_for(sequence_length) if doc_stride is None else doc_stride
+
+    def encode(batch_pairs, padding):
+        questions = [question for question, _ in batch_pairs]
+        contexts = [context for _, context in batch_pairs]
+        longest_question = max(len(tokenizer(q, add_special_tokens=False)["input_ids"]) for q in questions)
+        room = sequence_length - longest_question - 3  # context tokens a window holds ([CLS] q [SEP] c [SEP])
+        if room < 2:  # a very short sequence: the question alone fills it; truncate both, no windows
+            encoded = tokenizer(
+                questions, contexts, padding=padding, truncation=True, max_length=sequence_length,
+                return_tensors="np",
+            )  # fmt: skip
+        else:
+            encoded = tokenizer(
+                questions,
+                contexts,
+                padding=padding,
+                truncation="only_second",
+                max_length=sequence_length,
+                stride=min(stride, room - 1),  # the overlap must be shorter than a window's context
+                return_overflowing_tokens=True,
+                return_tensors="np",
+            )
+        return OrderedDict((name, encoded[name].astype("int64")) for name in input_names)
+
+    longest = "max_length" if pad_to_full else "longest"
+    question, context = max(pairs, key=lambda pair: len(pair[1]))
+    long_context = context  # repeated until it needs at least two windows at this sequence length
+    while len(tokenizer(long_context)["input_ids"]) < 1.5 * sequence_length:
+        long_context += " " + context
+    return [
+        (f"{len(pairs)} question/context pairs in windows (stride {stride})", encode(pairs, longest)),
+        (f"{len(pairs)} pairs padded to {sequence_length}", encode(pairs, "max_length")),
+        ("1 long context in windows", encode([(question, long_context)], longest)),
+    ]
 
 
 def sample_batches(
@@ -91,11 +183,17 @@ def check_parity(
     *,
     quantized: bool,
     sequence_length: int = 128,
-    texts: Sequence[str] = SAMPLE_TEXTS,
+    texts: Sequence[str] | None = None,
     tolerance: float | None = None,
     raise_on_failure: bool = True,
+    pairs: Sequence[tuple[str, str]] | None = None,
 ) -> ParityReport:
     """Run ``onnx_path`` in ONNX Runtime and ``model`` in PyTorch on real sentences and compare.
+
+    A question-answering model (:func:`is_question_answering`) gets question + context ``pairs``
+    (default :data:`SAMPLE_QA_PAIRS`) split into doc-stride windows; other models get ``texts``
+    (default :data:`SAMPLE_TEXTS`); outputs are compared whole (per token for token classification,
+    per position for ``start_logits`` / ``end_logits``).
 
     Passes when every output is within ``tolerance * max(1, max |PyTorch output|)`` (default
     1e-4 for FP32, 1e-1 for INT8) and, for INT8, the arg-max prediction agrees on every sample
@@ -118,9 +216,15 @@ def check_parity(
         sequence_length = static_length
     worst_diff, worst_where = -1.0, ""
     num_samples, agree, compared, failures = 0, 0, 0, []
-    batches = sample_batches(
-        tokenizer, onnx_inputs, sequence_length, texts, pad_to_full=isinstance(static_length, int)
-    )
+    pad_to_full = isinstance(static_length, int)
+    if is_question_answering(model) and texts is None:
+        batches = qa_sample_batches(
+            tokenizer, onnx_inputs, sequence_length, pairs or SAMPLE_QA_PAIRS, pad_to_full=pad_to_full
+        )
+    else:
+        batches = sample_batches(
+            tokenizer, onnx_inputs, sequence_length, texts or SAMPLE_TEXTS, pad_to_full=pad_to_full
+        )
     for label, batch in batches:
         reference = _torch_outputs(model, batch)
         produced = session.run(None, dict(batch))

@@ -164,21 +164,43 @@ def _metric_entries(metrics: Any, dense: dict | None, dataset: str | None) -> li
     return items
 
 
-def _eval_metrics(folder: Path | None) -> dict[str, float]:
+# the metrics a card reports for each task, in this order, as the stock scripts write them into
+# eval_results.json: GLUE-style for text classification, SQuAD's exact match and F1 (0-100) for
+# question answering, seqeval's entity-level precision / recall / F1 (0-1) for token classification
+TASK_METRICS = {
+    "text-classification": ("accuracy", "f1", "matthews_correlation", "pearson"),
+    "question-answering": ("exact_match", "f1"),
+    "token-classification": ("precision", "recall", "f1", "accuracy"),
+}
+_ANY_TASK_METRICS = tuple(dict.fromkeys(name for names in TASK_METRICS.values() for name in names))
+
+
+def _head_task(config: dict) -> str | None:
+    """question-answering / token-classification from config.json's architecture (a training folder
+    has no export.json; the stock token script records ``finetuning_task: ner``, the QA one nothing)."""
+    architectures = config.get("architectures")
+    for name in architectures if isinstance(architectures, list) else []:
+        if str(name).endswith("ForQuestionAnswering"):
+            return "question-answering"
+        if str(name).endswith("ForTokenClassification"):
+            return "token-classification"
+    return None
+
+
+def _eval_metrics(folder: Path | None, task: str | None = None) -> dict[str, float]:
     if folder is None:
         return {}
+    wanted = TASK_METRICS.get(task or "", _ANY_TASK_METRICS)
     for name in ("eval_results.json", "all_results.json"):
         path = folder / name
         if path.is_file():
             data = _read_json(path)
-            return {
+            found = {
                 key[len("eval_") :]: float(value)
                 for key, value in data.items()
-                if key.startswith("eval_")
-                and isinstance(value, (int, float))
-                and key[len("eval_") :]
-                in ("accuracy", "f1", "exact_match", "matthews_correlation", "pearson")
+                if key.startswith("eval_") and isinstance(value, (int, float)) and not isinstance(value, bool)
             }
+            return {metric: found[metric] for metric in wanted if metric in found}
     return {}
 
 
@@ -220,6 +242,7 @@ def card_facts(folder: str | os.PathLike, **facts: Any) -> ModelCard:
     task = (
         facts.pop("task", None)
         or export.get("task")
+        or _head_task(config)
         or config.get("finetuning_task")
         or "text-classification"
     )
@@ -283,7 +306,7 @@ def card_facts(folder: str | os.PathLike, **facts: Any) -> ModelCard:
     dense = facts.pop("dense_metrics", None)
     metrics = facts.pop("metrics", None)
     if metrics is None:
-        metrics = _eval_metrics(training) or _eval_metrics(root)
+        metrics = _eval_metrics(training, task) or _eval_metrics(root, task)
     latency = facts.pop("latency", None) or facts.pop("benchmarks", None)
     data.update({k: v for k, v in facts.items() if v is not None})
     data["metrics"] = _metric_entries(metrics, dense, data.get("dataset"))

@@ -21,6 +21,14 @@ from obert_modifiers.zoo.card.schema import (
 # ----------------------------------------------------------------------------- body + plots
 
 
+# what the metrics of a task are, under its accuracy table (the stock scripts' metrics)
+METRIC_NOTES = {
+    "question-answering": "Exact match and F1 are SQuAD's (0-100), from the training run's evaluation.",
+    "token-classification": "Precision, recall and F1 are seqeval's entity-level scores (0-1); accuracy is "
+    "per token.",
+}
+
+
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{value * 100:.1f}%"
 
@@ -84,6 +92,8 @@ def render_body(card: ModelCard, plots: dict[str, str]) -> str:
             lines.append(
                 f"| {metric.name} | {metric.dataset or '—'} | {metric.value:.4f} | {dense} | {delta} |"
             )
+        if card.task in METRIC_NOTES:
+            lines += ["", METRIC_NOTES[card.task]]
     else:
         lines.append("No evaluation results were recorded.")
     lines.append("")
