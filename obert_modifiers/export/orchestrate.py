@@ -50,6 +50,24 @@ def _overall_sparsity(model, per_layer: dict[str, float]) -> float:
     return zeros / total if total else 0.0
 
 
+def _structure(model) -> dict | None:
+    """Per-layer heads/FFN widths of a structurally pruned model, with the latency prediction its
+    config records (``!ZipLMPruningModifier``); None for a model that was not shrunk."""
+    config = model.config
+    if not isinstance(getattr(config, "obert_structure", None), dict):
+        return None
+    from obert_modifiers.algorithms.shrink import read_structure
+
+    shapes = read_structure(model)
+    out: dict[str, Any] = {"heads": shapes["heads"], "ffn": shapes["ffn"]}
+    prediction = getattr(config, "obert_ziplm", None)
+    if isinstance(prediction, dict):
+        keys = ("target_speedup", "predicted_speedup", "predicted_latency", "dense_latency", "unit")
+        out.update({k: prediction.get(k) for k in keys})
+        out["latency_key"] = prediction.get("latency_key")
+    return out
+
+
 def _num_layers(model) -> int:
     base = getattr(model, "base_model", model)
     layers = getattr(getattr(base, "encoder", None), "layer", None)
@@ -183,6 +201,7 @@ def export_deployment(
             onnx_sha256=sha256_file(staging / "model.onnx"),
             source_model=str(model_dir),
             recipe="recipe.yaml" if recipe else None,
+            structure=_structure(model),
         )
         # export.json last: its presence marks a finished folder
         manifest.write(staging)
