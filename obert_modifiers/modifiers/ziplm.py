@@ -196,6 +196,15 @@ class ZipLMPruningModifier(ScheduledUpdateModifier):
         return self._table
 
     def _step(self, module: nn.Module, optimizer, epoch: float = math.inf, steps_per_epoch: int = 1) -> None:
+        # calibration batches (seed + step) and the new layers' initialisation draw from a forked RNG:
+        # a step chooses the same structure on a re-run and leaves the training RNG where it was
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        devices = [torch.cuda.current_device()] if cuda else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self._seed + self._steps_done)
+            self._step_seeded(module, optimizer, epoch, steps_per_epoch)
+
+    def _step_seeded(self, module: nn.Module, optimizer, epoch: float, steps_per_epoch: int) -> None:
         step = self._steps_done
         target = self._targets[step]
         layers = shrink.encoder_layers(module)
@@ -264,11 +273,9 @@ class ZipLMPruningModifier(ScheduledUpdateModifier):
         current: dict[str, Any] = {}
         total = self._num_calibration_samples
         with (
-            torch.random.fork_rng(devices=[]),
             sobs.input_hessians(linears, mask=lambda: current.get("mask")) as hessians,
             tqdm(total=total, desc=f"ZipLM step {step + 1}: calibration", unit="seq", leave=False) as bar,
         ):
-            torch.manual_seed(self._seed + step)  # the same batches on a re-run; training RNG untouched
             for batch in self._calibration_batches(step):
                 current["mask"] = batch.get("attention_mask")
                 module(**batch)
