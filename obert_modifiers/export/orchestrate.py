@@ -38,6 +38,9 @@ def _linear_weight_sparsity(model) -> dict[str, float]:
 
     per_layer = {}
     for name, module in model.named_modules():
+        # zero-width linears (a removed block's, kept by its stand-in) have no sparsity to speak of
+        if isinstance(module, nn.Linear) and module.weight.numel() == 0:
+            continue
         if isinstance(module, nn.Linear) and "classifier" not in name and "qa_outputs" not in name:
             per_layer[f"{name}.weight"] = float((module.weight == 0).float().mean().item())
     return per_layer
