@@ -429,3 +429,34 @@ def test_minilm_ziplm_recipes_pass_obert_recipe_check(name):
     assert ("OBertQuantizationModifier" in tags) == name.endswith("_qat.yaml")
     (ziplm,) = [m for m in summary["modifiers"] if m["tag"] == "ZipLMPruningModifier"]
     assert "speedup_targets" in json.dumps(ziplm)
+
+
+@pytest.mark.integration
+def test_layer_drop_before_and_qat_after_compose_and_the_int8_model_exports(tmp_path):
+    """LayerDrop (4 -> 3 layers) first, ZipLM on the 3 layers left (the speed-up is over the 3-layer
+    dense model), QAT after it; the saved recipe reloads the structure and the INT8 export matches."""
+    from transformers import AutoTokenizer
+
+    from obert_modifiers.algorithms.shrink import read_structure
+    from obert_modifiers.export import export_deployment
+    from obert_modifiers.latency import latency_table
+
+    folder, model = _model(tmp_path)
+    others = "  - !LayerDropModifier\n    keep: 3\n  - !OBertQuantizationModifier\n    start_epoch: 1.0\n"
+    manager = _manager(_recipe([3.0]) + others)
+    manager.apply_structure(model, epoch=0.0)
+    batches = _batches()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    manager.initialize(model, epoch=0.0, grad_sampler=_sampler(batches))
+    _train_steps(model, manager, optimizer, batches, range(6), 3)
+    structure = read_structure(model)
+    assert len(structure["heads"]) == 3 and model.config.obert_layer_map == [0, 1, 2]
+    table = latency_table(model.config, runtime="flops", threads=1, sequence_length=SEQ)
+    assert table.speedup(structure["heads"], structure["ffn"]) >= 3.0 - 1e-9
+    assert any("Quant" in type(m).__name__ for m in model.modules())  # QAT is on
+    out = tmp_path / "out"
+    model.save_pretrained(out, safe_serialization=False)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(out)
+    manager.save(str(out / "recipe.yaml"))
+    result = export_deployment(out, tmp_path / "deployment", sequence_length=SEQ, progress=False)
+    assert result.quantized and result.max_abs_diff <= result.tolerance
