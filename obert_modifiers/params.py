@@ -531,7 +531,7 @@ class ZipLMPruningParams(RecipeParams):
         "fp32", doc="fp32, or int8 (ORT's dynamic INT8 form) when QAT follows"
     )
     latency_cache_dir: str | None = key(
-        None, expected="a folder path, or null", doc="where tables are cached (null: <obert cache>/latency)"
+        None, expected="a folder path", doc="where tables are cached (null: <obert cache>/latency)"
     )
     seed: int = key(0, ge=0, doc="seed of the calibration batches (step k draws with seed + k)")
     structure: dict[str, Any] | None = key(

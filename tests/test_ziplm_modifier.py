@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import BIN, TRAIN_SCRIPT, offline_env, run, run_python, stock_train_args
+from _helpers import BIN, TRAIN_SCRIPT, offline_env, run, stock_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 32
@@ -224,21 +224,6 @@ def test_saved_model_reloads_with_the_same_outputs_and_never_onto_random_weights
     message = r"ZipLMPruningModifier: the recipe records heads .* random weights"
     with pytest.raises(RuntimeError, match=message):
         _manager((out / "recipe.yaml").read_text()).apply_structure(dense, epoch=float("inf"))
-
-
-@pytest.mark.integration
-def test_without_the_structure_config_fix_from_pretrained_refuses_instead_of_loading(tmp_path):
-    _, out, _ = _prune_and_save(tmp_path)
-    code = (
-        "import sys\nfrom transformers import AutoModelForSequenceClassification as M\n"
-        "try:\n    M.from_pretrained(sys.argv[1])\n"
-        "except Exception as e:\n    print('REFUSED', str(e)[:300])\n"
-        "else:\n    print('LOADED')\n"
-    )
-    without = run_python(code, out, env=offline_env(OBERT_COMPAT_DISABLE="structure_config"))
-    assert "REFUSED" in without.stdout and "size mismatch" in without.stdout, without.stdout + without.stderr
-    with_fix = run_python(code, out, env=offline_env())
-    assert "LOADED" in with_fix.stdout, with_fix.stdout + with_fix.stderr
 
 
 # ------------------------------------------------------------------------------ export
@@ -460,3 +445,14 @@ def test_layer_drop_before_and_qat_after_compose_and_the_int8_model_exports(tmp_
     manager.save(str(out / "recipe.yaml"))
     result = export_deployment(out, tmp_path / "deployment", sequence_length=SEQ, progress=False)
     assert result.quantized and result.max_abs_diff <= result.tolerance
+
+
+def test_the_ziplm_stage_is_the_same_in_both_recipes():
+    import yaml
+
+    fp32, qat = (
+        yaml.load((ROOT / "recipes" / name).read_text(), Loader=yaml.BaseLoader)
+        for name in ("minilm_ziplm.yaml", "minilm_ziplm_qat.yaml")
+    )
+    assert fp32["ziplm"] == qat["ziplm"] and "qat" in qat and "qat" not in fp32
+    assert fp32["latency_precision"] == "fp32" and qat["latency_precision"] == "int8"
