@@ -3,8 +3,8 @@
 Importing this package is cheap: it does not import torch or SparseML. It makes sure our recipe
 tags (``!OBertPruningModifier``, ``!LayerDropModifier``, ``!OBertQuantizationModifier``,
 ``!OBertDistillationModifier``, ``!ZipLMPruningModifier``) and the SparseML 1.8 compatibility fixes
-are registered with SparseML: at once if SparseML's PyTorch modifiers are already imported, otherwise the moment they
-are. The public names below are loaded on first use.
+are registered with SparseML: at once if SparseML's PyTorch modifiers are already imported,
+otherwise the moment they are. The public names below are loaded on first use.
 """
 
 from obert_modifiers import registration
