@@ -381,19 +381,40 @@ def test_stock_command_prunes_to_the_targets_saves_the_family_reloads_and_export
     assert member.max_abs_diff <= member.tolerance
 
 
-def test_attention_distillation_with_changed_head_counts_is_refused_naming_the_layer(tmp_path):
-    from obert_modifiers.algorithms.distillation import attention_loss
-    from obert_modifiers.algorithms.shrink import shrink_model
+@pytest.mark.parametrize(
+    "structures, message",
+    [
+        ("[heads, ffn_neurons]", r"attention maps of pair \d differ in shape.*equal head counts"),
+        ("[attention_blocks]", r"student layer\(s\) \[.*\] have no attention block left.*weight: 0"),
+    ],
+)
+def test_attention_distillation_after_heads_changed_is_refused_naming_the_layer(
+    tmp_path, structures, message
+):
+    """Logits + hidden states distil on; attention maps stop with a message naming the layer."""
+    import copy
 
-    _, teacher = _model(tmp_path, name="t")
-    _, student = _model(tmp_path, name="s")
-    shrink_model(student, heads={1: [0, 1]})
-    batch = _batches(1)[0]
-    with torch.no_grad():
-        maps_t = teacher(**batch, output_attentions=True).attentions
-        maps_s = student(**batch, output_attentions=True).attentions
-    with pytest.raises(ValueError, match=r"pair 1 differ in shape.*equal head counts"):
-        attention_loss(maps_s, maps_t, batch["attention_mask"])
+    _, model = _model(tmp_path)
+    teacher = copy.deepcopy(model).eval()
+    distil = (
+        "  - !OBertDistillationModifier\n    hardness: 1.0\n    hidden_weight: 1.0\n"
+        "    attention_weight: 1.0\n"
+    )
+    extra = f"    structures: {structures}\n" + distil
+    manager = _manager(_recipe([2.0], extra=extra))
+    batches = _batches()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    manager.initialize(model, epoch=0.0, grad_sampler=_sampler(batches), distillation_teacher=teacher)
+    manager.update(model, optimizer, 0.0, 4)
+    labels = torch.zeros(8, dtype=torch.long)
+    model.train()
+    with pytest.raises((RuntimeError, ValueError), match=message):
+        for step in range(2):  # the layer hooks attach on the first step; maps are compared from the next
+            inputs = batches[step]
+            outputs = model(**inputs, labels=labels)
+            manager.loss_update(
+                outputs.loss, model, optimizer, step / 4, 4, student_outputs=outputs, student_inputs=inputs
+            )
 
 
 # ------------------------------------------------------------------------------ recipes
