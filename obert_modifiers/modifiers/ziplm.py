@@ -339,6 +339,9 @@ class ZipLMPruningModifier(ScheduledUpdateModifier):
         return Path(out) if out else None
 
     def _save_member(self, module: nn.Module, target: float) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_rank() != 0:
+                return  # one writer
         root = self._family_root()
         if root is None:
             hint = "no trainer; set OBERT_ZIPLM_FAMILY_DIR"
