@@ -477,3 +477,42 @@ def test_the_ziplm_stage_is_the_same_in_both_recipes():
     )
     assert fp32["ziplm"] == qat["ziplm"] and "qat" in qat and "qat" not in fp32
     assert fp32["latency_precision"] == "fp32" and qat["latency_precision"] == "int8"
+
+
+@pytest.mark.integration
+def test_minilm_ziplm_qat_recipe_runs_with_the_stock_command_and_exports(
+    tiny_bert_dir, bbc_data_dir, tmp_path
+):
+    """The shipped staged recipe (ziplm + qat) with tiny settings from --recipe_args: both targets
+    saved, the stages recorded, the INT8 model exports with parity."""
+    import pandas
+
+    from obert_modifiers.export import export_deployment
+
+    data = tmp_path / "data"
+    data.mkdir()
+    pandas.read_csv(bbc_data_dir / "train.csv").head(64).to_csv(data / "train.csv", index=False)
+    pandas.read_csv(bbc_data_dir / "validation.csv").head(16).to_csv(data / "validation.csv", index=False)
+    recipe_args = {
+        "speedup_targets": [1.5, 2.0], "num_targets": 2, "update_frequency": 1.0, "recovery_epochs": 1.0,
+        "qat_epochs": 1.0, "num_calibration_samples": 16, "calibration_batch_size": 8,
+        "latency_runtime": "flops", "latency_sequence_length": 64,
+    }  # fmt: skip
+    out = tmp_path / "model"
+    args = stock_train_args(
+        tiny_bert_dir, data, out, ROOT / "recipes" / "minilm_ziplm_qat.yaml",
+        "--recipe_args", json.dumps(recipe_args), "--save_strategy", "no", "--save_safetensors", "False",
+        "--seed", "1", "--distill_teacher", tiny_bert_dir,
+        max_seq_length=64,
+    )  # fmt: skip
+    completed = run([BIN / TRAIN_SCRIPT, *args], env=offline_env(), cwd=tmp_path, timeout=600)
+    assert completed.returncode == 0, (completed.stdout + completed.stderr)[-6000:]
+    assert (out / "ziplm-1.5x" / "pytorch_model.bin").is_file()
+    assert (out / "ziplm-2x" / "recipe.yaml").is_file()
+    saved = (out / "recipe.yaml").read_text()
+    assert "!ZipLMPruningModifier" in saved and "steps_done: 2" in saved
+    assert "!OBertQuantizationModifier" in saved
+    result = export_deployment(out, tmp_path / "deployment", sequence_length=64, progress=False)
+    assert result.quantized and result.max_abs_diff <= result.tolerance
+    info = json.loads((tmp_path / "deployment" / "export.json").read_text())
+    assert info["structure"]["target_speedup"] == 2.0 and info["structure"]["predicted_speedup"] >= 2.0 - 1e-3
