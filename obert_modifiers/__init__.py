@@ -2,9 +2,9 @@
 
 Importing this package is cheap: it does not import torch or SparseML. It makes sure our recipe
 tags (``!OBertPruningModifier``, ``!LayerDropModifier``, ``!OBertQuantizationModifier``,
-``!OBertDistillationModifier``) and the SparseML 1.8 compatibility fixes are registered with
-SparseML: at once if SparseML's PyTorch modifiers are already imported, otherwise the moment they
-are. The public names below are loaded on first use.
+``!OBertDistillationModifier``, ``!ZipLMPruningModifier``) and the SparseML 1.8 compatibility fixes
+are registered with SparseML: at once if SparseML's PyTorch modifiers are already imported,
+otherwise the moment they are. The public names below are loaded on first use.
 """
 
 from obert_modifiers import registration
@@ -16,6 +16,7 @@ registration.install()
 _LAZY = {
     "OBertPruningModifier": ("obert_modifiers.modifiers.obert_pruning", "OBertPruningModifier"),
     "LayerDropModifier": ("obert_modifiers.modifiers.layer_drop", "LayerDropModifier"),
+    "ZipLMPruningModifier": ("obert_modifiers.modifiers.ziplm", "ZipLMPruningModifier"),
     "OBertQuantizationModifier": ("obert_modifiers.modifiers.quantization", "OBertQuantizationModifier"),
     "OBertDistillationModifier": ("obert_modifiers.modifiers.distillation", "OBertDistillationModifier"),
     "export_deployment": ("obert_modifiers.export", "export_deployment"),

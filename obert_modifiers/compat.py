@@ -46,6 +46,7 @@ __all__ = [
     "deepsparse_pipeline_inplace",
     "deepsparse_shape_override_inplace",
     "recipe_structure",
+    "structure_config",
 ]
 
 DISABLE_ENV = "OBERT_COMPAT_DISABLE"
@@ -615,6 +616,39 @@ def recipe_structure(module: ModuleType) -> None:
     module._load_yaml_str_from_file = _load_yaml_str_from_file
 
 
+# --------------------------------------------------------------------------------------------
+# Structured models: transformers has one intermediate_size
+# --------------------------------------------------------------------------------------------
+
+
+def structure_config(module: ModuleType) -> None:
+    """Shrunk models: a config recording ``obert_structure`` builds a model with those shapes.
+
+    Without it: transformers has one ``intermediate_size``, so ``from_pretrained`` of a model whose
+    FFN widths ``!ZipLMPruningModifier`` shrank per layer (the stock training scripts, SparseML's
+    reload, ``obert export``) fails with ``size mismatch for bert.encoder.layer.0.intermediate.dense``.
+
+    Patch: ``PreTrainedModel.init_weights`` (where transformers re-applies ``config.pruned_heads``
+    while the model is built, before any weight is loaded) then gives the model the recorded FFN
+    widths and the stand-ins of removed blocks (``algorithms.shrink.apply_structure``).
+    """
+    cls = module.PreTrainedModel
+    original = cls.init_weights
+    if _patched(original, "structure_config"):
+        return
+
+    @functools.wraps(original)
+    def init_weights(self: Any) -> None:
+        original(self)
+        if isinstance(getattr(self.config, "obert_structure", None), dict):
+            from obert_modifiers.algorithms.shrink import apply_structure
+
+            apply_structure(self)
+
+    _mark(init_weights, original, "structure_config")
+    cls.init_weights = init_weights
+
+
 def _recipe_source(file_path: Any, text: str) -> tuple[str, int]:
     """(the file a recipe text came from, or 'recipe', and the line of the text in that file)."""
     path = getattr(file_path, "path", file_path)  # a sparsezoo File
@@ -702,6 +736,7 @@ FIXES: dict[str, Fix] = {
             standalone=True,
         ),
         Fix("recipe_structure", recipe_structure, ("sparseml.optim.helpers",)),
+        Fix("structure_config", structure_config, ("transformers.modeling_utils",), standalone=True),
     )
 }
 

@@ -65,6 +65,23 @@ class Parity(BaseModel):
     prediction_agreement: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
+class Structure(BaseModel):
+    """A structurally pruned model's per-layer shapes (``!ZipLMPruningModifier``) and, when a latency
+    table chose them, its prediction (``unit``: ``ms`` measured, ``MMAC`` FLOPs; ``latency_key``: where
+    the table was measured: runtime, threads, batch, sequence length, precision, CPU)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    heads: list[int] = Field(description="attention heads kept per encoder layer (0: block removed)")
+    ffn: list[int] = Field(description="FFN neurons kept per encoder layer (0: block removed)")
+    target_speedup: float | None = Field(default=None, gt=0.0)
+    predicted_speedup: float | None = Field(default=None, gt=0.0)
+    predicted_latency: float | None = Field(default=None, ge=0.0)
+    dense_latency: float | None = Field(default=None, ge=0.0)
+    unit: str | None = None
+    latency_key: dict[str, Any] | None = None
+
+
 class DeploymentManifest(BaseModel):
     """``export.json``: the facts of one export. Unknown keys are kept (newer writers may add some)."""
 
@@ -85,6 +102,8 @@ class DeploymentManifest(BaseModel):
     onnx_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     source_model: str | None = None
     recipe: str | None = None
+    # structured pruning: per-layer shapes and the latency table's prediction (None: not shrunk)
+    structure: Structure | None = None
     created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     @classmethod

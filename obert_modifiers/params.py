@@ -45,6 +45,9 @@ __all__ = [
     "LayerDropParams",
     "OBertQuantizationParams",
     "OBertDistillationParams",
+    "ZipLMPruningParams",
+    "ZIPLM_STRUCTURES",
+    "LATENCY_RUNTIMES",
     "PARAMS",
     "describe",
     "mask_group",
@@ -56,6 +59,9 @@ __all__ = [
 INTERPOLATIONS = ("linear", "cubic", "inverse_cubic")
 WEIGHT_STRATEGIES = ("tensor", "channel")
 LAYER_DROP_STRATEGIES = ("uniform", "importance")
+ZIPLM_STRUCTURES = ("heads", "ffn_neurons", "attention_blocks", "ffn_blocks")
+LATENCY_RUNTIMES = ("onnxruntime", "flops")  # obert_modifiers.latency measures ORT; DeepSparse not yet
+LATENCY_PRECISIONS = ("fp32", "int8")
 _NAMES = "a list of names or 're:' patterns"
 _NUMBERS = ("a number", "a whole number")
 
@@ -489,7 +495,131 @@ class OBertDistillationParams(RecipeParams):
         return self
 
 
+class ZipLMPruningParams(RecipeParams):
+    """``!ZipLMPruningModifier``: structured second-order pruning (heads, FFN neurons, whole blocks) to
+    speed-up targets measured on a latency table."""
+
+    tag: ClassVar[str] = "ZipLMPruningModifier"
+
+    start_epoch: float = key(0.0, ge=0.0, doc="epoch of the first pruning step")
+    end_epoch: float = key(
+        -1.0, doc="epoch of the last pruning step (-1: start_epoch + (steps - 1) * update_frequency)"
+    )
+    update_frequency: float = key(1.0, gt=0.0, doc="epochs between pruning steps")
+    speedup_targets: list[float] = key(
+        expected="a speed-up > 1, or an increasing list of them (one per pruning step)",
+        doc="speed-up over the dense model per step; a list saves every step's model (a family)",
+    )
+    structures: list[Literal[ZIPLM_STRUCTURES]] = key(
+        list(ZIPLM_STRUCTURES),
+        expected="a non-empty list of " + ", ".join(map(repr, ZIPLM_STRUCTURES)),
+        doc="what may go: heads, ffn_neurons, attention_blocks (all heads), ffn_blocks (all neurons)",
+    )
+    num_calibration_samples: int = key(
+        1024, ge=1, doc="training sequences whose layer inputs form the Hessians"
+    )
+    calibration_batch_size: int = key(32, ge=1, doc="batch size of the calibration forward passes")
+    damp: float = key(0.01, ge=0.0, doc="relative dampening: H + damp * mean(diag H) * I")
+    ffn_chunk: int = key(16, ge=1, doc="FFN neurons removed jointly per OBS update (1: exact greedy)")
+    latency_runtime: Literal[LATENCY_RUNTIMES] = key(
+        "onnxruntime", doc="latency table source: onnxruntime (measured, cached) or flops (counted)"
+    )
+    latency_threads: int = key(2, ge=1, doc="intra-op threads of the measured table (the deployment's)")
+    latency_batch_size: int = key(1, ge=1, doc="batch size of the measured table")
+    latency_sequence_length: int = key(128, ge=1, doc="sequence length of the measured table")
+    latency_precision: Literal[LATENCY_PRECISIONS] = key(
+        "fp32", doc="fp32, or int8 (ORT's dynamic INT8 form) when QAT follows"
+    )
+    latency_cache_dir: str | None = key(
+        None, expected="a folder path", doc="where tables are cached (null: <obert cache>/latency)"
+    )
+    seed: int = key(0, ge=0, doc="seed of the calibration batches (step k draws with seed + k)")
+    structure: dict[str, Any] | None = key(
+        None,
+        expected="what the modifier records: {format: 1, heads: [...], ffn: [...]}",
+        doc="RECORDED after each step: per-layer heads and FFN neurons kept (re-checked on reload)",
+    )
+    steps_done: int = key(0, ge=0, doc="RECORDED: pruning steps already taken (targets reached)")
+
+    @field_validator("speedup_targets", mode="before")
+    @classmethod
+    def _one_target(cls, value: Any) -> Any:
+        if isinstance(value, int | float | str) and not isinstance(value, bool):
+            value = [value]
+        return _coerce(value, list[float])
+
+    @field_validator("speedup_targets")
+    @classmethod
+    def _targets(cls, value: list[float]) -> list[float]:
+        if not value or any(t <= 1.0 for t in value):
+            raise Invalid("a speed-up > 1, or an increasing list of them (one per pruning step)")
+        if any(b <= a for a, b in zip(value, value[1:], strict=False)):
+            raise Invalid("a strictly increasing list of speed-ups (one per pruning step)")
+        return value
+
+    @field_validator("structures", mode="before")
+    @classmethod
+    def _one_structure(cls, value: Any) -> Any:
+        return _names(value)
+
+    @field_validator("structures")
+    @classmethod
+    def _some_structures(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise Invalid("a non-empty list of " + ", ".join(map(repr, ZIPLM_STRUCTURES)))
+        return sorted(set(value), key=ZIPLM_STRUCTURES.index)
+
+    @field_validator("structure")
+    @classmethod
+    def _structure(cls, value: dict | None) -> dict | None:
+        if value is None:
+            return None
+        lists = [value.get(k) for k in ("heads", "ffn")]
+        if value.get("format") != 1 or not all(
+            isinstance(v, list) and all(isinstance(i, int) and i >= 0 for i in v) for v in lists
+        ) or len(lists[0]) != len(lists[1]):
+            raise Invalid("what the modifier records: {format: 1, heads: [...], ffn: [...]}")
+        return dict(value)
+
+    @model_validator(mode="after")
+    def _rules(self) -> ZipLMPruningParams:
+        if self.end_epoch != -1 and self.end_epoch < self.start_epoch:
+            raise Invalid(f"-1 or a number >= start_epoch ({self.start_epoch})", "end_epoch", self.end_epoch)
+        last = self.last_step_epoch
+        if len(self.speedup_targets) > 1 and self.end_epoch != -1 and last > self.end_epoch + 1e-9:
+            raise Invalid(
+                f"-1 or >= {last:g}: {len(self.speedup_targets)} targets take steps at start_epoch + "
+                f"k * update_frequency",
+                "end_epoch",
+                self.end_epoch,
+            )
+        if self.steps_done > len(self.step_targets):
+            steps = len(self.step_targets)
+            raise Invalid(f"at most the {steps} pruning steps", "steps_done", self.steps_done)
+        return self
+
+    @property
+    def step_targets(self) -> list[float]:
+        """The speed-up of every pruning step: the list as given, or for one target with a window
+        (end_epoch > start_epoch) a step every update_frequency, the targets rising linearly to it."""
+        if len(self.speedup_targets) > 1 or self.end_epoch == -1:
+            return list(self.speedup_targets)
+        steps = int((self.end_epoch - self.start_epoch) / self.update_frequency + 1e-9) + 1
+        final = self.speedup_targets[0]
+        return [1.0 + (final - 1.0) * (k + 1) / steps for k in range(steps)]
+
+    @property
+    def last_step_epoch(self) -> float:
+        return self.start_epoch + (len(self.step_targets) - 1) * self.update_frequency
+
+
 PARAMS: dict[str, type[RecipeParams]] = {
     model.tag: model
-    for model in (OBertPruningParams, LayerDropParams, OBertQuantizationParams, OBertDistillationParams)
+    for model in (
+        OBertPruningParams,
+        LayerDropParams,
+        OBertQuantizationParams,
+        OBertDistillationParams,
+        ZipLMPruningParams,
+    )
 }

@@ -38,6 +38,7 @@ MODIFIER_MODULES = (
     "obert_modifiers.modifiers.layer_drop",
     "obert_modifiers.modifiers.quantization",
     "obert_modifiers.modifiers.distillation",
+    "obert_modifiers.modifiers.ziplm",
 )
 ENTRY_POINT_GROUP = "obert_modifiers.modifiers"
 MODIFIERS_MODULE = "sparseml.pytorch.sparsification"

@@ -510,6 +510,40 @@ def test_recipe_structure(tiny_bert_dir, data_dir, tmp_path):
     assert "'list' object has no attribute 'items'" in lines[1]
 
 
+@pytest.mark.integration
+def test_structure_config(tmp_path):
+    """A model whose FFN widths were shrunk per layer (config.obert_structure) is built with those
+    shapes by from_pretrained; without the fix transformers refuses it (size mismatch), so a shrunk
+    model never loads onto random weights either way."""
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from obert_modifiers.algorithms.shrink import save_shrunk_model, shrink_model
+    from obert_modifiers.models import save_tiny_bert
+
+    folder = save_tiny_bert(tmp_path / "tiny", num_labels=2)
+    model = BertForSequenceClassification.from_pretrained(folder).eval()
+    shrink_model(model, heads={0: []}, ffn={1: list(range(7)), 2: []})
+    out = save_shrunk_model(model, tmp_path / "shrunk", tokenizer=AutoTokenizer.from_pretrained(folder))
+    ids = torch.arange(1000, 1016).reshape(2, 8)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits.tolist()
+    code = (
+        "import json, sys, torch\nfrom transformers import AutoModelForSequenceClassification as M\n"
+        "try:\n    model = M.from_pretrained(sys.argv[1]).eval()\n"
+        "except Exception as e:\n    print('REFUSED', str(e)[:300])\n"
+        "else:\n    ids = torch.arange(1000, 1016).reshape(2, 8)\n"
+        "    print('LOADED', json.dumps(model(input_ids=ids).logits.tolist()))\n"
+    )
+    without = run_python(code, out, env=offline_env(**{compat.DISABLE_ENV: "structure_config"}))
+    assert "REFUSED" in without.stdout and "size mismatch" in without.stdout, without.stdout + without.stderr
+    with_fix = run_python(code, out, env=offline_env(**{compat.DISABLE_ENV: ""}))
+    assert "LOADED" in with_fix.stdout, with_fix.stdout + with_fix.stderr
+    logits = json.loads(with_fix.stdout.split("LOADED", 1)[1])
+    assert max(abs(a - b) for row, ref in zip(logits, expected, strict=True)
+               for a, b in zip(row, ref, strict=True)) < 1e-5  # fmt: skip
+
+
 def test_every_fix_has_a_test_and_docs():
     tested = {name[len("test_") :] for name in globals() if name.startswith("test_")}
     assert set(compat.FIXES) <= tested, set(compat.FIXES) - tested

@@ -75,10 +75,11 @@ def test_start_up_watches_the_modules_the_fix_table_names(tmp_path, monkeypatch)
     assert ("probe_fix", "obert_standalone_probe") in compat.applied_fixes()
 
 
-def test_the_shipped_triggers_are_the_deepsparse_modules():
+def test_the_shipped_triggers_are_the_deepsparse_modules_and_transformers_model_building():
     from obert_modifiers import compat
 
     assert set(compat.trigger_modules()) == {
         "deepsparse.transformers.pipelines.pipeline",
         "deepsparse.utils.onnx",
+        "transformers.modeling_utils",  # structure_config: shrunk models load without SparseML too
     }

@@ -46,6 +46,7 @@ MINIMAL = {
     "LayerDropModifier": ({"keep": 2}, "importance_bathces", "importance_batches"),
     "OBertQuantizationModifier": ({"start_epoch": 1.0}, "weight_strategyy", "weight_strategy"),
     "OBertDistillationModifier": ({"hardness": 1.0}, "temprature", "temperature"),
+    "ZipLMPruningModifier": ({"speedup_targets": [2.0]}, "latency_runtim", "latency_runtime"),
 }
 
 

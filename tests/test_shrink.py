@@ -187,9 +187,12 @@ def test_save_and_reload_gives_identical_outputs(tmp_path):
         assert torch.equal(again(**inputs).logits, want)
     assert shrink.apply_structure(again) is False  # already shaped: nothing to do
 
-    # plain from_pretrained cannot rebuild per-layer FFN widths: it must fail, not load random weights
-    with pytest.raises(RuntimeError, match="size mismatch"):
-        BertForSequenceClassification.from_pretrained(folder)
+    # plain from_pretrained rebuilds per-layer FFN widths through the compat fix structure_config;
+    # without it transformers fails with a size mismatch, never random weights (tests/test_compat.py)
+    plain = BertForSequenceClassification.from_pretrained(folder).eval()
+    assert isinstance(plain.bert.encoder.layer[1].attention, shrink.RemovedAttention)
+    with torch.no_grad():
+        assert torch.equal(plain(**inputs).logits, want)
 
 
 def test_heads_only_model_reloads_with_plain_from_pretrained(tmp_path):
@@ -201,16 +204,16 @@ def test_heads_only_model_reloads_with_plain_from_pretrained(tmp_path):
     with torch.no_grad():
         want = model(**inputs).logits
     folder = shrink.save_shrunk_model(model, tmp_path / "heads")
-    # transformers rebuilds the head counts from config.pruned_heads; the emptied layer comes back as
-    # a zero-head attention (the stand-in's state dict is the zero-head block's), same outputs
+    # transformers rebuilds the head counts from config.pruned_heads (the stand-in's state dict is the
+    # zero-head block's), same outputs
     plain = BertForSequenceClassification.from_pretrained(folder).eval()
     ours = shrink.load_shrunk_model(folder)
     with torch.no_grad():
         assert torch.equal(plain(**inputs).logits, want)
         assert torch.equal(ours(**inputs).logits, want)
-    assert not isinstance(plain.bert.encoder.layer[2].attention, shrink.RemovedAttention)
-    assert shrink.apply_structure(plain) is True  # swaps in the exportable stand-in
+    # the compat fix structure_config already swapped in the exportable stand-in while building it
     assert isinstance(plain.bert.encoder.layer[2].attention, shrink.RemovedAttention)
+    assert shrink.apply_structure(plain) is False
     with torch.no_grad():
         assert torch.equal(plain(**inputs).logits, want)
 

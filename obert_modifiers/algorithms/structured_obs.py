@@ -84,7 +84,9 @@ class InputHessian:
         batch = x.shape[0]
         if batch == 0:
             return
-        x = x.to(self.hessian.dtype)
+        if self.count == 0 and x.device != self.hessian.device:
+            self.hessian = self.hessian.to(x.device)  # accumulate where the activations are (GPU)
+        x = x.to(device=self.hessian.device, dtype=self.hessian.dtype)
         total = self.count + batch
         self.hessian.mul_(self.count / total)
         self.hessian.addmm_(x.T, x, alpha=2.0 / total)
@@ -127,7 +129,7 @@ def damped_hessian(hessian: Tensor, rel_damp: float = DEFAULT_REL_DAMP) -> Tenso
 def group_columns(groups: Tensor | Sequence[int], group_size: int) -> Tensor:
     """Column indices of the given groups (group ``g`` is columns ``[g*size, (g+1)*size)``)."""
     g = torch.as_tensor(groups, dtype=torch.long).reshape(-1, 1)
-    return (g * group_size + torch.arange(group_size).reshape(1, -1)).reshape(-1)
+    return (g * group_size + torch.arange(group_size, device=g.device).reshape(1, -1)).reshape(-1)
 
 
 def _spd_inverse(matrix: Tensor) -> Tensor:

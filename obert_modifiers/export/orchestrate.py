@@ -38,6 +38,9 @@ def _linear_weight_sparsity(model) -> dict[str, float]:
 
     per_layer = {}
     for name, module in model.named_modules():
+        # zero-width linears (a removed block's, kept by its stand-in) have no sparsity to speak of
+        if isinstance(module, nn.Linear) and module.weight.numel() == 0:
+            continue
         if isinstance(module, nn.Linear) and "classifier" not in name and "qa_outputs" not in name:
             per_layer[f"{name}.weight"] = float((module.weight == 0).float().mean().item())
     return per_layer
@@ -48,6 +51,24 @@ def _overall_sparsity(model, per_layer: dict[str, float]) -> float:
     total = sum(params[n].numel() for n in per_layer if n in params)
     zeros = sum(per_layer[n] * params[n].numel() for n in per_layer if n in params)
     return zeros / total if total else 0.0
+
+
+def _structure(model) -> dict | None:
+    """Per-layer heads/FFN widths of a structurally pruned model, with the latency prediction its
+    config records (``!ZipLMPruningModifier``); None for a model that was not shrunk."""
+    config = model.config
+    if not isinstance(getattr(config, "obert_structure", None), dict):
+        return None
+    from obert_modifiers.algorithms.shrink import read_structure
+
+    shapes = read_structure(model)
+    out: dict[str, Any] = {"heads": shapes["heads"], "ffn": shapes["ffn"]}
+    prediction = getattr(config, "obert_ziplm", None)
+    if isinstance(prediction, dict):
+        keys = ("target_speedup", "predicted_speedup", "predicted_latency", "dense_latency", "unit")
+        out.update({k: prediction.get(k) for k in keys})
+        out["latency_key"] = prediction.get("latency_key")
+    return out
 
 
 def _num_layers(model) -> int:
@@ -183,6 +204,7 @@ def export_deployment(
             onnx_sha256=sha256_file(staging / "model.onnx"),
             source_model=str(model_dir),
             recipe="recipe.yaml" if recipe else None,
+            structure=_structure(model),
         )
         # export.json last: its presence marks a finished folder
         manifest.write(staging)

@@ -298,6 +298,13 @@ class OBertDistillationModifier(ScheduledUpdateModifier):
             students = [self._student_cache["attention"].get(s) for s, _ in self._pairs]
             teachers = [self._teacher_cache["attention"].get(t) for _, t in self._pairs]
             if any(a is None for a in students + teachers):
+                gone = [s for s, _ in self._pairs if s in _removed_attention(module)]
+                if gone:
+                    raise RuntimeError(
+                        f"!{_NAME}: attention_weight > 0, but student layer(s) {gone} have no attention "
+                        "block left (removed by structured pruning, e.g. !ZipLMPruningModifier): set "
+                        "attention_weight: 0 (hidden_weight still pairs the layers)"
+                    )
                 raise RuntimeError(
                     f"!{_NAME}: attention_weight needs BERT-style self-attention (an "
                     "'attention.self.dropout' or 'attention.dropout' module applied to the attention "
@@ -386,3 +393,15 @@ def _device_of(inputs: Any) -> torch.device | None:
         if torch.is_tensor(value):
             return value.device
     return None
+
+
+def _removed_attention(module: nn.Module) -> set[int]:
+    """Encoder layers whose attention block is a stand-in (every head removed): they have no maps."""
+    from obert_modifiers.algorithms.layer_drop import LayerDropError, find_encoder_layers
+
+    try:
+        _, layers = find_encoder_layers(module)
+    except LayerDropError:
+        return set()
+    names = [type(getattr(layer, "attention", None)).__name__ for layer in layers]
+    return {i for i, name in enumerate(names) if name == "RemovedAttention"}

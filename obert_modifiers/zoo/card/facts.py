@@ -274,6 +274,17 @@ def card_facts(folder: str | os.PathLike, **facts: Any) -> ModelCard:
             sparsity = {"overall": overall, "per_layer": per_layer}
     if sparsity:
         data["sparsity"] = sparsity
+    # structured pruning: per-layer heads / FFN widths and the latency table's prediction
+    if isinstance(export.get("structure"), dict):
+        data["structure"] = export["structure"]
+    elif isinstance(config.get("obert_structure"), dict):
+        shapes = config["obert_structure"]
+        data["structure"] = {"heads": shapes.get("heads", []), "ffn": shapes.get("ffn", [])}
+        prediction = config.get("obert_ziplm")
+        if isinstance(prediction, dict):
+            keys = ("target_speedup", "predicted_speedup", "predicted_latency", "dense_latency", "unit")
+            data["structure"].update({k: prediction.get(k) for k in keys})
+            data["structure"]["latency_key"] = prediction.get("latency_key")
 
     # recipe
     for candidate in (deployment, training):

@@ -98,6 +98,9 @@ def render_body(card: ModelCard, plots: dict[str, str]) -> str:
         lines.append("No evaluation results were recorded.")
     lines.append("")
 
+    if card.structure is not None:
+        lines += _structure_lines(card.structure)
+
     lines += ["## Sparsity", ""]
     if card.sparsity is not None:
         lines.append(f"Overall: **{_pct(card.sparsity.overall)}** of the pruned weight matrices.")
@@ -176,6 +179,34 @@ def render_body(card: ModelCard, plots: dict[str, str]) -> str:
     if card.license:
         lines += ["## License", "", card.license, ""]
     return "\n".join(lines)
+
+
+def _structure_lines(structure: Any) -> list[str]:
+    """The structured-pruning section: per-layer shapes and the latency table's prediction."""
+    lines = ["## Structure", ""]
+    if structure.predicted_speedup is not None:
+        key = structure.latency_key or {}
+        where = ", ".join(
+            f"{name} {key[name]}"
+            for name in ("runtime", "precision", "threads", "batch_size", "sequence_length")
+            if key.get(name) is not None
+        )
+        target = f" (target {structure.target_speedup:g}x)" if structure.target_speedup else ""
+        latency = ""
+        if structure.predicted_latency is not None and structure.dense_latency is not None:
+            unit = structure.unit or ""
+            predicted, dense = structure.predicted_latency, structure.dense_latency
+            latency = f": {predicted:.4g} {unit} against {dense:.4g} {unit} dense"
+        lines += [
+            f"Predicted speed-up over the dense model: **{structure.predicted_speedup:.2f}x**{target}"
+            f"{latency}, by the latency table ({where or 'setting not recorded'}); not a measurement.",
+            "",
+        ]
+    lines += ["| layer | attention heads | FFN neurons |", "|---|---|---|"]
+    for index, (heads, ffn) in enumerate(zip(structure.heads, structure.ffn, strict=False)):
+        lines.append(f"| {index} | {heads or 'removed'} | {ffn or 'removed'} |")
+    lines.append("")
+    return lines
 
 
 def _fmt(value: Any) -> str:

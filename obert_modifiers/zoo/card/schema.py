@@ -82,6 +82,22 @@ class ModelSize(BaseModel):
     num_parameters: int | None = Field(default=None, ge=0)
 
 
+class Structure(BaseModel):
+    """Per-layer shapes of a structurally pruned model and the latency table's prediction (from
+    ``export.json``'s ``structure``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    heads: list[int] = Field(default_factory=list)
+    ffn: list[int] = Field(default_factory=list)
+    target_speedup: float | None = Field(default=None, gt=0)
+    predicted_speedup: float | None = Field(default=None, gt=0)
+    predicted_latency: float | None = Field(default=None, ge=0)
+    dense_latency: float | None = Field(default=None, ge=0)
+    unit: str | None = None
+    latency_key: dict[str, Any] | None = None
+
+
 class ModelCard(BaseModel):
     """The front matter of ``model.md``."""
 
@@ -110,6 +126,7 @@ class ModelCard(BaseModel):
     recipe: RecipeSummary | None = None
     latency: list[Latency] = Field(default_factory=list)
     size: ModelSize | None = None
+    structure: Structure | None = None
     stub: str | None = None
 
     @field_validator(

@@ -1,0 +1,466 @@
+"""``!ZipLMPruningModifier``: structured second-order pruning to speed-up targets (ZipLM; SparseML
+adapter, lifecycle only: the math is in :mod:`obert_modifiers.algorithms.structured_obs`,
+:mod:`~obert_modifiers.algorithms.latency_search` and :mod:`~obert_modifiers.algorithms.shrink`,
+the latency tables in :mod:`obert_modifiers.latency`).
+
+Recipe keys (:class:`~obert_modifiers.params.ZipLMPruningParams`)::
+
+    - !ZipLMPruningModifier
+      start_epoch: 0.0
+      update_frequency: 1.0            # epochs between steps
+      speedup_targets: [2.0, 3.0]      # one step per target; each step's model is saved
+      structures: [heads, ffn_neurons, attention_blocks, ffn_blocks]
+      num_calibration_samples: 1024
+      calibration_batch_size: 32
+      damp: 0.01                       # H + damp * mean(diag H) * I
+      ffn_chunk: 16
+      latency_runtime: onnxruntime     # onnxruntime (measured, cached on disk) | flops
+      latency_threads: 2
+      latency_batch_size: 1
+      latency_sequence_length: 128
+      latency_precision: fp32          # int8 when QAT follows
+      latency_cache_dir: null
+      # written by the modifier after every step (the saved recipe.yaml re-checks them on reload):
+      structure: null                  # {format: 1, heads: [per layer], ffn: [per layer]}
+      steps_done: 0
+
+Lifecycle. ``initialize`` takes the trainer's ``grad_sampler`` (its train data). Step ``k`` runs in
+``update`` at ``start_epoch + k * update_frequency``: calibration batches drawn with seed
+``seed + k`` (a resumed or repeated run draws the same ones; the training RNG is left alone) feed
+forward pre-hooks on every attention output projection and FFN output projection (input Hessians);
+a structured-OBS database per block; the latency table (cached) and the search for the step's
+target; the physical shrink with the OBS-updated weights; the optimizer then holds the new
+parameters, its state (Adam moments) sliced to the kept rows/columns. The structure goes into the
+model config (``obert_structure``, ``pruned_heads``, ``obert_ziplm`` with the prediction) and into
+this modifier's ``structure`` key, so the saved ``recipe.yaml`` records it.
+
+With a list of targets, before step ``k+1`` prunes (and at ``finalize`` for the last one) the model
+at target ``k`` is saved, staged and renamed into place, to ``<output_dir>/ziplm-<target>x/`` (the
+trainer's ``output_dir``, or ``save_dir`` when given through ``grad_sampler``).
+
+Reload (``apply_structure``, e.g. ``epoch=inf`` from ``obert export`` or SparseML's recipe reload):
+a model built from the saved ``config.json`` already has the shapes (transformers re-applies
+``pruned_heads``; the ``structure_config`` compat fix re-applies ``obert_structure``); the modifier
+checks that they equal the recorded ``structure`` and swaps in the exportable stand-ins for removed
+blocks. A model with other shapes is refused: giving it the shapes here would leave random weights
+where SparseML's reload (which reloads only when parameter *names* change) keeps none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from sparseml.optim import BaseModifier
+from sparseml.pytorch.sparsification.modifier import PyTorchModifierYAML, ScheduledUpdateModifier
+from sparseml.sparsification import SparsificationTypes
+from torch import nn
+
+from obert_modifiers.algorithms import latency_search, shrink
+from obert_modifiers.algorithms import structured_obs as sobs
+from obert_modifiers.modifiers._base import recipe_properties, store_recipe
+from obert_modifiers.params import ZipLMPruningParams, validate_recipe
+
+__all__ = ["ZipLMPruningModifier", "ZIPLM_KEY", "move_optimizer_state", "family_dir_name"]
+
+_LOGGER = logging.getLogger(__name__)
+_NAME = "ZipLMPruningModifier"
+ZIPLM_KEY = "obert_ziplm"  # config key: the last step's target, prediction and latency key
+
+
+def family_dir_name(target: float) -> str:
+    """``ziplm-2x``, ``ziplm-2.5x``: the folder of the family member pruned to ``target``."""
+    return f"ziplm-{target:g}x"
+
+
+@PyTorchModifierYAML()
+@recipe_properties(ZipLMPruningParams)
+class ZipLMPruningModifier(ScheduledUpdateModifier):
+    """Remove attention heads, FFN neurons and whole blocks with structured OBS until the latency table
+    predicts each speed-up target (recipe keys: :class:`~obert_modifiers.params.ZipLMPruningParams`)."""
+
+    def __init__(self, **recipe: Any):
+        params = validate_recipe(ZipLMPruningParams, recipe)
+        store_recipe(self, params)
+        self._targets = params.step_targets
+        super().__init__(
+            start_epoch=params.start_epoch,
+            min_start=0.0,
+            end_epoch=params.last_step_epoch if params.end_epoch == -1 else params.end_epoch,
+            min_end=0.0,
+            end_comparator=0,
+            update_frequency=params.update_frequency,
+            min_frequency=0.0,
+        )
+        self._grad_sampler: dict | None = None
+        self._trainer: Any = None
+        self._module: nn.Module | None = None
+        self._last_choice: latency_search.StructureChoice | None = None
+        self._table: latency_search.LatencyTable | None = None
+        self._saved: list[Path] = []
+
+    @BaseModifier.sparsification_types.getter
+    def sparsification_types(self) -> list[SparsificationTypes]:
+        return [SparsificationTypes.structured]
+
+    # ------------------------------------------------------------------ lifecycle
+    def apply_structure(self, module: nn.Module, epoch: float = 0.0, loggers=None, finalize=False, **kwargs):
+        """Check a reloaded model against the recorded ``structure`` and swap in the stand-ins; a
+        model whose shapes differ is refused (its weights could not be the trained ones)."""
+        recorded = self._structure
+        if recorded is None:
+            return  # nothing pruned yet: a fresh run
+        try:
+            current = shrink.read_structure(module)
+        except shrink.ShrinkError as error:
+            raise RuntimeError(f"!{_NAME}: cannot re-apply the recorded structure: {error}") from None
+        if (current["heads"], current["ffn"]) != (recorded["heads"], recorded["ffn"]):
+            raise RuntimeError(
+                f"!{_NAME}: the recipe records heads {recorded['heads']} and FFN widths {recorded['ffn']} "
+                f"per layer, but the model has heads {current['heads']} and FFN widths {current['ffn']}; "
+                "load the model folder saved with this recipe (its config.json records obert_structure: "
+                "from_pretrained, or obert_modifiers.algorithms.shrink.load_shrunk_model) instead of "
+                "re-shaping another model, which would leave random weights"
+            )
+        shrink.apply_structure(module, recorded)  # stand-ins for removed blocks (weights kept)
+
+    def initialize(self, module: nn.Module, epoch: float = 0, loggers=None, **kwargs: Any) -> None:
+        super().initialize(module, epoch, loggers, **kwargs)
+        self._module = module
+        sampler = kwargs.get("grad_sampler")
+        pending = self._steps_done < len(self._targets)
+        if pending and (not isinstance(sampler, dict) or "data_loader_builder" not in sampler):
+            raise RuntimeError(
+                f"!{_NAME} needs calibration data: initialize it with grad_sampler={{'data_loader_builder': "
+                "fn(kwargs)}} (SparseML's transformers Trainer passes it; with a manager of your own call "
+                "manager.initialize(model, grad_sampler=...))"
+            )
+        self._grad_sampler = sampler
+        builder = sampler.get("data_loader_builder") if isinstance(sampler, dict) else None
+        self._trainer = getattr(builder, "__self__", None)  # the trainer, when the builder is its method
+        if math.isinf(epoch):  # one-shot (manager.apply): every step at once
+            while self._steps_done < len(self._targets):
+                self._step(module, None)
+
+    def update_ready(self, epoch: float, steps_per_epoch: int) -> bool:
+        if not self._enabled or not self._initialized or self._steps_done >= len(self._targets):
+            return False
+        due = self.start_epoch + self._steps_done * self.update_frequency
+        return epoch >= due - 1e-9
+
+    def scheduled_update(self, module: nn.Module, optimizer, epoch: float, steps_per_epoch: int) -> None:
+        if not self.update_ready(epoch, steps_per_epoch):
+            raise RuntimeError("update_ready returns False, this must be true to call scheduled_update")
+        self._schedule_called = True
+        try:
+            self.update(module, optimizer, epoch=epoch, steps_per_epoch=steps_per_epoch)
+        finally:
+            self._schedule_called = False
+        self._started = True
+        if self._steps_done >= len(self._targets):
+            self._ended = True
+
+    def update(self, module: nn.Module, optimizer, epoch: float, steps_per_epoch: int) -> None:
+        super().update(module, optimizer, epoch, steps_per_epoch)
+        if self._steps_done and len(self._speedup_targets) > 1:
+            self._save_member(module, self._targets[self._steps_done - 1])
+        self._step(module, optimizer, epoch, steps_per_epoch)
+
+    def finalize(self, module: nn.Module | None = None, reset_loggers: bool = True, **kwargs: Any) -> None:
+        module = module if module is not None else self._module
+        if module is not None and len(self._speedup_targets) > 1 and self._steps_done == len(self._targets):
+            self._save_member(module, self._targets[-1])
+        self._grad_sampler = None
+        self._trainer = None
+        super().finalize(module, reset_loggers, **kwargs)
+
+    # ------------------------------------------------------------------ one pruning step
+    def _latency_table(self, module: nn.Module) -> latency_search.LatencyTable:
+        from obert_modifiers.latency import latency_table
+
+        if self._table is None:
+            self._table = latency_table(
+                module.config,
+                runtime=self._latency_runtime,
+                threads=self._latency_threads,
+                batch_size=self._latency_batch_size,
+                sequence_length=self._latency_sequence_length,
+                precision=self._latency_precision,
+                cache_dir=self._latency_cache_dir,
+            )
+        return self._table
+
+    def _step(self, module: nn.Module, optimizer, epoch: float = math.inf, steps_per_epoch: int = 1) -> None:
+        # calibration batches (seed + step) and the new layers' initialisation draw from a forked RNG:
+        # a step chooses the same structure on a re-run and leaves the training RNG where it was
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        devices = [torch.cuda.current_device()] if cuda else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self._seed + self._steps_done)
+            self._step_seeded(module, optimizer, epoch, steps_per_epoch)
+
+    def _step_seeded(self, module: nn.Module, optimizer, epoch: float, steps_per_epoch: int) -> None:
+        step = self._steps_done
+        target = self._targets[step]
+        layers = shrink.encoder_layers(module)
+        table = self._latency_table(module)
+        was_training = module.training
+        module.eval()
+        try:
+            hessians = self._calibrate(module, layers, step)
+            with _single_thread():
+                attention, ffn = self._databases(layers, hessians, table)
+        finally:
+            module.train(was_training)
+        choice = latency_search.search_structure(
+            table, [db.errors for db in attention], [db.errors for db in ffn], target
+        )
+        heads_keep, ffn_keep, attention_weights, ffn_weights = {}, {}, {}, {}
+        for index, (att, kept) in enumerate(zip(attention, choice.heads, strict=True)):
+            if kept < att.current:
+                level = att.current - kept
+                heads_keep[index] = att.db.kept_groups(level)
+                if kept:
+                    attention_weights[index] = att.db.weight(level)
+        for index, (ff, kept) in enumerate(zip(ffn, choice.ffn, strict=True)):
+            if kept < ff.current:
+                level = ff.current - kept
+                ffn_keep[index] = ff.db.kept_groups(level)
+                if kept:
+                    ffn_weights[index] = ff.db.weight(level)
+        slices = shrink.shrink_model(
+            module,
+            heads_keep,
+            ffn_keep,
+            attention_weights=attention_weights,
+            ffn_weights=ffn_weights,
+        )
+        move_optimizer_state(optimizer, slices)
+        self._record(module, target, choice, table)
+        self._log_step(choice, target, epoch, steps_per_epoch)
+
+    def _calibration_batches(self, step: int):
+        builder = self._grad_sampler["data_loader_builder"]
+        loader = builder({"batch_size": self._calibration_batch_size})
+        seen = 0
+        for item in loader:
+            sample = item[1] if isinstance(item, list | tuple) and len(item) == 3 else item
+            if not isinstance(sample, dict):
+                raise RuntimeError(
+                    f"!{_NAME}: calibration batches must be dicts of model inputs, got {type(sample)}"
+                )
+            sample = {k: v for k, v in sample.items() if k != "labels"}
+            yield sample
+            seen += len(next(iter(sample.values())))
+            if seen >= self._num_calibration_samples:
+                return
+
+    @torch.no_grad()
+    def _calibrate(self, module: nn.Module, layers, step: int) -> dict[str, sobs.InputHessian]:
+        from tqdm.auto import tqdm
+
+        linears = {}
+        for index, layer in enumerate(layers):
+            if shrink.layer_heads(layer):
+                linears[f"{index}.attention"] = layer.attention.output.dense
+            if shrink.layer_ffn(layer):
+                linears[f"{index}.ffn"] = layer.output.dense
+        current: dict[str, Any] = {}
+        total = self._num_calibration_samples
+        with (
+            sobs.input_hessians(linears, mask=lambda: current.get("mask")) as hessians,
+            tqdm(total=total, desc=f"ZipLM step {step + 1}: calibration", unit="seq", leave=False) as bar,
+        ):
+            for batch in self._calibration_batches(step):
+                current["mask"] = batch.get("attention_mask")
+                module(**batch)
+                bar.update(min(len(current["mask"]) if current["mask"] is not None else 1, total - bar.n))
+        empty = [name for name, h in hessians.items() if h.count == 0]
+        if empty:
+            raise RuntimeError(f"!{_NAME}: calibration saw no tokens at {empty[:3]} (empty training data?)")
+        for hessian in hessians.values():
+            hessian.all_reduce()
+        return hessians
+
+    def _databases(self, layers, hessians, table) -> tuple[list, list]:
+        from tqdm.auto import tqdm
+
+        allowed = set(self._structures)
+        attention, ffn = [], []
+        with tqdm(total=2 * len(layers), desc="ZipLM: OBS databases", unit="block", leave=False) as bar:
+            for index, layer in enumerate(layers):
+                heads = shrink.layer_heads(layer)
+                kept = set(range(1, heads + 1)) if "heads" in allowed else {heads}
+                if "attention_blocks" in allowed:
+                    kept.add(0)
+                kept.add(heads)
+                linear = layer.attention.output.dense if heads else None
+                hessian = hessians.get(f"{index}.attention")
+                attention.append(_block(linear, hessian, heads, kept, table.key.head_size, self._damp, 1))
+                bar.update()
+                width = shrink.layer_ffn(layer)
+                grid = {n for n in table.ffn if 0 < n < width} if "ffn_neurons" in allowed else set()
+                kept = grid | {width} | ({0} if "ffn_blocks" in allowed else set())
+                linear, hessian = (layer.output.dense if width else None), hessians.get(f"{index}.ffn")
+                ffn.append(_block(linear, hessian, width, kept, 1, self._damp, self._ffn_chunk))
+                bar.update()
+        return attention, ffn
+
+    def _record(self, module: nn.Module, target: float, choice, table) -> None:
+        structure = shrink.read_structure(module)
+        self._structure = structure
+        self._steps_done += 1
+        self._last_choice = choice
+        module.config.update({ZIPLM_KEY: prediction(choice, table, target)})
+
+    def _log_step(self, choice, target: float, epoch: float, steps_per_epoch: int) -> None:
+        _LOGGER.info(
+            "!%s step %d: target %gx, predicted %.3gx (%.4g of %.4g %s); heads %s, FFN %s",
+            _NAME, self._steps_done, target, choice.speedup, choice.predicted, choice.dense,
+            self._table.unit, self._structure["heads"], self._structure["ffn"],
+        )  # fmt: skip
+        if self.loggers is not None:
+            values = {"ziplm_target_speedup": target, "ziplm_predicted_speedup": choice.speedup}
+            epoch = epoch if math.isfinite(epoch) else None
+            self.log_named_scalars(values.items(), epoch=epoch, steps_per_epoch=steps_per_epoch)
+
+    # ------------------------------------------------------------------ family members
+    def _family_root(self) -> Path | None:
+        root = os.environ.get("OBERT_ZIPLM_FAMILY_DIR")
+        if root:
+            return Path(root)
+        args = getattr(self._trainer, "args", None)
+        out = getattr(args, "output_dir", None)
+        return Path(out) if out else None
+
+    def _save_member(self, module: nn.Module, target: float) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_rank() != 0:
+                return  # one writer
+        root = self._family_root()
+        if root is None:
+            hint = "no trainer; set OBERT_ZIPLM_FAMILY_DIR"
+            _LOGGER.warning("!%s: no output folder for the %gx model (%s)", _NAME, target, hint)
+            return
+        from obert_modifiers.deployment import atomic_write_text, staged_dir
+
+        folder = root / family_dir_name(target)
+        structure = shrink.read_structure(module)
+        with staged_dir(folder, overwrite=True) as stage:
+            module.config.update({shrink.STRUCTURE_KEY: structure})
+            module.save_pretrained(stage, safe_serialization=False)
+            tokenizer = getattr(self._trainer, "tokenizer", None)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(stage)
+            atomic_write_text(Path(stage) / "recipe.yaml", self._member_recipe(structure))
+        self._saved.append(folder)
+        _LOGGER.info("!%s: saved the %gx model to %s", _NAME, target, folder)
+
+    def _member_recipe(self, structure: dict) -> str:
+        """A recipe that re-applies exactly this member's structure (and nothing else) on reload."""
+        import yaml
+
+        keys = {
+            "speedup_targets": [float(t) for t in self._speedup_targets[: self._steps_done]],
+            "start_epoch": float(self.start_epoch),
+            "update_frequency": float(self.update_frequency),
+            "structures": list(self._structures),
+            "latency_runtime": self._latency_runtime,
+            "latency_threads": self._latency_threads,
+            "latency_batch_size": self._latency_batch_size,
+            "latency_sequence_length": self._latency_sequence_length,
+            "latency_precision": self._latency_precision,
+            "structure": structure,
+            "steps_done": self._steps_done,
+        }
+        if len(keys["speedup_targets"]) != self._steps_done:  # one target, several steps
+            keys["speedup_targets"] = [float(self._targets[self._steps_done - 1])]
+            keys["steps_done"] = 1
+        body = yaml.safe_dump(keys, sort_keys=False, default_flow_style=None)
+        lines = "".join(f"    {line}\n" for line in body.splitlines())
+        return f"version: 1.1.0\n\nmodifiers:\n  - !{_NAME}\n{lines}"
+
+    @property
+    def saved_members(self) -> list[Path]:
+        """Folders of the family members saved so far."""
+        return list(self._saved)
+
+    @property
+    def last_choice(self) -> latency_search.StructureChoice | None:
+        return self._last_choice
+
+
+class _Block:
+    """One block's database: ``errors`` by kept count (relative to the block's output energy)."""
+
+    def __init__(self, db: sobs.OBSDatabase | None, current: int, errors: dict[int, float]) -> None:
+        self.db, self.current, self.errors = db, current, errors
+
+
+def _block(linear, hessian, current: int, kept: set[int], group: int, damp: float, chunk: int) -> _Block:
+    if current == 0 or linear is None:
+        return _Block(None, 0, {0: 0.0})
+    kept = {k for k in kept if 0 <= k <= current}
+    levels = sorted(current - k for k in kept)
+    db = sobs.structured_obs(linear.weight.detach().float(), hessian.hessian.float(), group, levels,
+                             rel_damp=damp, chunk=chunk)
+    return _Block(db, current, db.by_kept(relative=True))
+
+
+def prediction(choice, table, target: float) -> dict:
+    """What the config (and export.json / the model card) record about a step's latency prediction."""
+    return {
+        "target_speedup": float(target),
+        "predicted_speedup": round(float(choice.speedup), 4),
+        "predicted_latency": round(float(choice.predicted), 6),
+        "dense_latency": round(float(choice.dense), 6),
+        "unit": table.unit,
+        "latency_key": table.key.to_dict(),
+    }
+
+
+@contextlib.contextmanager
+def _single_thread():
+    """The OBS loops run single-threaded: on a shared machine 2 threads were many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def move_optimizer_state(optimizer, slices: list[shrink.ParamSlice]) -> None:
+    """Put the shrunk parameters in the optimizer in place of the old ones, with their state (e.g. Adam's
+    moments) sliced the same way; state that is not shaped like the parameter (``step``) is kept."""
+    if optimizer is None or not slices or not hasattr(optimizer, "param_groups"):
+        return
+    by_old = {id(s.old): s for s in slices}
+    # a parameter replaced twice in one shrink (heads, then its new weight set) maps to the last one
+    state = optimizer.state
+    for group in optimizer.param_groups:
+        params = []
+        for param in group["params"]:
+            piece = by_old.get(id(param))
+            if piece is None:
+                params.append(param)
+                continue
+            params.append(piece.new)
+            old_state = state.pop(param, None)
+            if old_state:
+                state[piece.new] = {name: _slice_state(value, piece) for name, value in old_state.items()}
+        group["params"] = params
+
+
+def _slice_state(value: Any, piece: shrink.ParamSlice) -> Any:
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(piece.old.shape):
+        return value
+    if piece.index is None:
+        return value.clone()
+    return value.index_select(piece.dim, piece.index.to(value.device)).contiguous()
