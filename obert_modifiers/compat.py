@@ -671,8 +671,9 @@ def _recipe_source(file_path: Any, text: str) -> tuple[str, int]:
 class Fix:
     """A named fix and the modules it patches (it runs once per module, when that module is imported).
 
-    ``standalone``: a fix of a library used without SparseML (DeepSparse pipelines on a pulled model);
-    importing one of its ``modules`` schedules every fix, not only importing SparseML's modifiers.
+    ``standalone``: a fix of a library used without SparseML (DeepSparse pipelines on a pulled model,
+    transformers loading a shrunk model): importing one of its ``modules`` applies this fix, also in a
+    process that never imports SparseML's modifiers (which schedules every fix).
     (A plain class, not a dataclass: this module is imported at every interpreter start, and
     dataclasses pulls in inspect.)
     """
@@ -742,8 +743,8 @@ FIXES: dict[str, Fix] = {
 
 
 def trigger_modules() -> tuple[str, ...]:
-    """Modules whose import schedules the fixes even in a process that never imports SparseML's
-    modifiers (derived from the table: the modules of every ``standalone`` fix)."""
+    """Modules whose import applies their ``standalone`` fixes even in a process that never imports
+    SparseML's modifiers (derived from the table: the modules of every ``standalone`` fix)."""
     return tuple(dict.fromkeys(m for fix in FIXES.values() if fix.standalone for m in fix.modules))
 
 
@@ -776,6 +777,17 @@ def _runner(fix: Fix, module_name: str) -> Callable[[object], None]:
         _logger().debug(f"obert_modifiers.compat: applied {fix.name} to {module_name}")
 
     return run
+
+
+def apply_standalone(module_name: str) -> None:
+    """Schedule the ``standalone`` fixes that patch ``module_name`` (those not disabled by
+    ``OBERT_COMPAT_DISABLE``): what importing that module does in a process that never imports
+    SparseML's modifiers. Only these fixes: a process that uses transformers or DeepSparse without
+    SparseML gets none of the SparseML fixes."""
+    skipped = disabled_fixes()
+    for fix in FIXES.values():
+        if fix.standalone and module_name in fix.modules and fix.name not in skipped:
+            _hook.after_import(module_name, _runner(fix, module_name))
 
 
 def apply_all() -> None:

@@ -10,7 +10,8 @@ imported until a process imports SparseML itself. Then:
   plugin modifiers, so the stock console scripts, the exporter and anything re-reading a saved
   ``recipe.yaml`` resolve our tags.
 * every module of :func:`obert_modifiers.compat.trigger_modules` (libraries used without SparseML,
-  e.g. DeepSparse pipelines on a pulled model): the compat fixes are scheduled.
+  e.g. DeepSparse pipelines on a pulled model, transformers loading a shrunk model): the
+  ``standalone`` fixes of that module are applied, and no other.
 
 SparseZoo and DeepSparse analytics are switched off here by default (``NM_DISABLE_ANALYTICS``),
 so a training run makes no network calls; set ``OBERT_ALLOW_ANALYTICS=1`` to leave it to them.
@@ -106,10 +107,10 @@ def _register(_module: object) -> None:
     register_all()
 
 
-def _schedule_compat(_module: object) -> None:
+def _apply_standalone(module: object) -> None:
     from obert_modifiers import compat
 
-    compat.apply_all()  # schedules lazily: patches only what is (or gets) imported
+    compat.apply_standalone(module.__name__)  # type: ignore[attr-defined]
 
 
 def install() -> None:
@@ -127,4 +128,4 @@ def install() -> None:
 
     _hook.after_import(MODIFIERS_MODULE, _register)
     for module_name in compat.trigger_modules():
-        _hook.after_import(module_name, _schedule_compat)
+        _hook.after_import(module_name, _apply_standalone)

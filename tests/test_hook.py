@@ -51,28 +51,35 @@ def test_callback_added_while_the_module_is_mid_import_still_runs(tmp_path, monk
 
 
 def test_start_up_watches_the_modules_the_fix_table_names(tmp_path, monkeypatch):
-    """A ``standalone`` fix added to compat.FIXES is scheduled when its module is imported, with no
-    change to the start-up code: the watched modules come from the table, not from a list in the hook."""
+    """A ``standalone`` fix added to compat.FIXES is applied when its module is imported, with no
+    change to the start-up code: the watched modules come from the table, not from a list in the hook.
+    Importing it applies that fix only: a SparseML-only fix stays unapplied in a process without
+    SparseML's modifiers, even when the module it patches is imported too."""
     from obert_modifiers import compat, registration
 
     (tmp_path / "obert_standalone_probe.py").write_text("PATCHED = False\n")
+    (tmp_path / "obert_sparseml_only_probe.py").write_text("PATCHED = False\n")
     monkeypatch.syspath_prepend(str(tmp_path))
 
     def patch_probe(module):
         module.PATCHED = True
 
-    fix = compat.Fix("probe_fix", patch_probe, ("obert_standalone_probe",), standalone=True)
-    monkeypatch.setattr(compat, "FIXES", {"probe_fix": fix})
+    standalone = compat.Fix("probe_fix", patch_probe, ("obert_standalone_probe",), standalone=True)
+    sparseml_only = compat.Fix("sparseml_only_fix", patch_probe, ("obert_sparseml_only_probe",))
+    monkeypatch.setattr(compat, "FIXES", {"probe_fix": standalone, "sparseml_only_fix": sparseml_only})
     monkeypatch.setattr(compat, "_scheduled", False)
     monkeypatch.setattr(registration, "_installed", False)
     monkeypatch.delenv(compat.DISABLE_ENV, raising=False)
     assert compat.trigger_modules() == ("obert_standalone_probe",)
 
     registration.install()
+    import obert_sparseml_only_probe
     import obert_standalone_probe
 
     assert obert_standalone_probe.PATCHED is True
     assert ("probe_fix", "obert_standalone_probe") in compat.applied_fixes()
+    assert obert_sparseml_only_probe.PATCHED is False
+    assert compat._scheduled is False  # noqa: SLF001 - apply_all did not run
 
 
 def test_the_shipped_triggers_are_the_deepsparse_modules_and_transformers_model_building():
