@@ -1,6 +1,6 @@
 # Two commands set everything up on a fresh machine (Python 3.11 + make):
 #   make demo   builds .venv if missing, then runs the main job on the bundled default model and data
-#   make test   builds .venv if missing, then runs the tests
+#   make test   builds .venv and .venv-modern if missing, then runs the tests in both
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -78,8 +78,10 @@ browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| { echo "chromium is needed for the hub's browser test: apt-get install chromium"; exit 1; }
 
-test: venv browser
+# both environments: the SparseML 1.8 suite in .venv, then the SparseML-free one in .venv-modern
+test: venv venv-modern browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MODERN_BIN)/python -m pytest $(MODERN_TESTS) $(MODERN_DESELECT) $(PYTEST_ARGS)
 
 # the tests that start no training command, server or runtime subprocess (docs/architecture.md)
 test-fast: venv
