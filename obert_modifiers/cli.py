@@ -4,7 +4,8 @@ commands, so ``obert --help`` stays fast.
 
 Errors are handled in one place, :class:`ObertGroup`: an :class:`~obert_modifiers.errors.ObertError`
 raised by any command prints ``error: <message>`` as one line on stderr and exits 1, without a
-traceback (the message names what was wrong and where). Usage errors stay click's (exit 2).
+traceback (the message names what was wrong and where); a command that needs an optional
+dependency the install lacks names the extra to install. Usage errors stay click's (exit 2).
 """
 
 from __future__ import annotations
@@ -26,6 +27,41 @@ COMMAND_MODULES = (
 )
 
 
+# top-level module of an optional dependency -> the extra that installs it
+EXTRA_OF = {
+    "torch": "sparseml",
+    "transformers": "sparseml",
+    "onnx": "sparseml",
+    "onnxruntime": "sparseml",
+    "datasets": "sparseml",
+    "sparseml": "sparseml",
+    "sparsezoo": "sparseml",
+    "matplotlib": "sparseml",
+    "deepsparse": "deepsparse",
+    "httpx": "hub",
+    "fastapi": "hub",
+    "uvicorn": "hub",
+    "sqlalchemy": "hub",
+    "graphql": "hub",
+    "jinja2": "hub",
+    "markdown": "hub",
+}
+
+
+def missing_extra_line(error: ModuleNotFoundError) -> str | None:
+    """One line naming the extra to install, when ``error`` is an optional dependency missing."""
+    top = (error.name or "").split(".")[0]
+    extra = EXTRA_OF.get(top)
+    if extra is None:
+        return None
+    hint = (
+        "pip install 'obert-modifiers[sparseml]' (the SparseML 1.8 stack; `make venv` builds it)"
+        if extra == "sparseml"
+        else f"pip install 'obert-modifiers[{extra}]'"
+    )
+    return f"error: this command needs {top}, which is not installed: {hint}"
+
+
 def error_line(error: BaseException) -> str:
     """``error: <message>`` on one line (messages quoting third-party text may span several)."""
     return "error: " + (" ".join(str(error).split()) or error.__class__.__name__)
@@ -39,6 +75,12 @@ class ObertGroup(TyperGroup):
             return super().invoke(ctx)
         except ObertError as error:
             typer.secho(error_line(error), err=True, fg="red")
+            raise typer.Exit(1) from None
+        except ModuleNotFoundError as error:
+            line = missing_extra_line(error)
+            if line is None:  # not an optional dependency: a real bug, keep its traceback
+                raise
+            typer.secho(line, err=True, fg="red")
             raise typer.Exit(1) from None
 
 

@@ -454,3 +454,27 @@ def test_every_error_class_outside_the_hub_is_an_obert_error():
     }
     for error_class, base in builtin.items():
         assert issubclass(error_class, ObertError) and issubclass(error_class, base), error_class
+
+
+def test_a_command_whose_stack_is_not_installed_names_the_extra(tiny_bert_dir, tmp_path):
+    """The base install has no torch (the SparseML stack is the [sparseml] extra): `obert export` then
+    says what to install, in one line, and writes nothing; a missing hub extra is named the same way."""
+    from _helpers import offline_env, run
+
+    out = tmp_path / "deployment"
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.argv = {argv!r}; "
+        "from obert_modifiers.cli import main; main()"
+    )
+    export = run(
+        [sys.executable, "-c", code.format(argv=["obert", "export", str(tiny_bert_dir), "--out", str(out)])],
+        env=offline_env(),
+        timeout=300,
+    )
+    _assert_one_error_line(export, "needs torch", "obert-modifiers[sparseml]")
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+    from obert_modifiers.cli import missing_extra_line
+
+    assert "obert-modifiers[hub]" in missing_extra_line(ModuleNotFoundError("x", name="httpx"))
+    assert missing_extra_line(ModuleNotFoundError("x", name="obert_modifiers.nope")) is None
