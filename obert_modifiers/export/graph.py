@@ -62,10 +62,10 @@ def export_onnx_file(
         dynamic_axes=dynamic_axes,
         dynamo=False,
     )
-    if quantized and int8_format != "integer":
+    if quantized and int8_format in ("ort", "ort-u8"):
+        qdq_to_ort_int8(onnx_path, weights="u8" if int8_format == "ort-u8" else "s8")
+    elif quantized and int8_format == "qdq":
         fold_embedding_qdq(onnx_path)
-        if int8_format in ("ort", "ort-u8"):
-            qdq_to_ort_int8(onnx_path, weights="u8" if int8_format == "ort-u8" else "s8")
 
 
 def fold_embedding_qdq(onnx_path: Path) -> int:
@@ -151,6 +151,56 @@ def _remove_dead_nodes(graph) -> None:
         graph.initializer.remove(init)
 
 
+def _gather_quantized_tables(graph, producers) -> int:
+    """``Gather(DequantizeLinear(QuantizeLinear(table)), ids)`` -> ``DequantizeLinear(Gather(q_table,
+    ids))`` with the table stored quantized (per-tensor scale and zero point only); the rest is left
+    to :func:`fold_embedding_qdq`. Returns the tables rewritten."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    rewritten = 0
+    for dequantize in [n for n in graph.node if n.op_type == "DequantizeLinear"]:
+        users = consumers.get(dequantize.output[0], [])
+        if not users or any(u.op_type != "Gather" or u.input[0] != dequantize.output[0] for u in users):
+            continue
+        quantize = producers.get(dequantize.input[0])
+        if quantize is None or quantize.op_type != "QuantizeLinear" or len(quantize.input) < 3:
+            continue
+        table, scale, zero = (_constant_value(graph, name) for name in quantize.input[:3])
+        if table is None or scale is None or zero is None or scale.size != 1 or zero.size != 1:
+            continue
+        limits = np.iinfo(zero.dtype)
+        q_table = np.clip(np.rint(table / scale.reshape(())) + int(zero.reshape(())), limits.min, limits.max)
+        name = f"{dequantize.output[0]}_quantized_table"
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(q_table.astype(zero.dtype), name),
+                numpy_helper.from_array(scale.astype(np.float32).reshape(()), f"{name}_scale"),
+                numpy_helper.from_array(zero.reshape(()), f"{name}_zero_point"),
+            ]
+        )
+        for gather in users:
+            position = list(graph.node).index(gather)
+            gathered = f"{gather.output[0]}_quantized"
+            new_gather = helper.make_node(
+                "Gather", [name, gather.input[1]], [gathered], name=f"{gather.name}_quantized",
+                axis=next((a.i for a in gather.attribute if a.name == "axis"), 0),
+            )
+            new_dequantize = helper.make_node(
+                "DequantizeLinear", [gathered, f"{name}_scale", f"{name}_zero_point"], list(gather.output),
+                name=f"{gather.name}_DequantizeLinear",
+            )
+            graph.node.remove(gather)
+            graph.node.insert(position, new_dequantize)
+            graph.node.insert(position, new_gather)
+        rewritten += 1
+    return rewritten
+
+
 def qdq_to_ort_int8(onnx_path: str | os.PathLike, activations: str = "u8", weights: str = "s8") -> int:
     """Rewrite a QAT model's QDQ graph, in place, into ORT's integer GEMM form, with the QAT
     model's own scales and zero points (nothing re-calibrated): every ``MatMul`` of a fake-quantized
@@ -158,7 +208,9 @@ def qdq_to_ort_int8(onnx_path: str | os.PathLike, activations: str = "u8", weigh
     ``[Transpose](DequantizeLinear(QuantizeLinear(W, s_w, 0)))`` becomes ``MatMulInteger`` (INT8
     weights, per-tensor or per-output-channel as trained) -> ``Cast`` -> ``Mul`` by ``s_x * s_w``,
     the pattern ORT fuses into ``MatMulIntegerToFloat``. Biases stay float ``Add`` nodes (baked on
-    the INT32 grid by the exporter). ``activations="s8"`` quantizes activations to INT8 (zero point
+    the INT32 grid by the exporter). Fake-quantized embedding tables are stored as UINT8 and
+    gathered before they are dequantized (``Gather`` -> ``DequantizeLinear``: the same values, a
+    quarter of the bytes). ``activations="s8"`` quantizes activations to INT8 (zero point
     ``z_x - 128``, the same values) for S8S8 kernels. Pruned weights stay exactly zero and shapes
     are unchanged. Attention matmuls (two activations) stay QDQ. Returns the MatMuls rewritten."""
     import numpy as np
@@ -207,6 +259,8 @@ def qdq_to_ort_int8(onnx_path: str | os.PathLike, activations: str = "u8", weigh
             return None
         return np.ascontiguousarray(q), scale.reshape(-1) if scale.size > 1 else scale.reshape(())
 
+    _gather_quantized_tables(graph, producers)
+    producers = {output: node for node in graph.node for output in node.output}
     count = 0
     replaced: list[tuple] = []
     for node in graph.node:
