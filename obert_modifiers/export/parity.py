@@ -13,11 +13,11 @@ from obert_modifiers.export.errors import ExportError, ParityError, ParityReport
 
 FP32_TOLERANCE = 1e-4  # max |logit difference|, scaled by max(1, max |logit|)
 INT8_TOLERANCE = 1e-1  # looser: see docs/export.md (integer conversion folds biases into int32)
-# per INT8 form (graph.INT8_FORMATS), same scaling: the two ORT forms keep every scale and the float
-# bias of the QAT model, so where their integer kernel is exact they differ from PyTorch only where
-# float rounding moves an activation across a quantization step (measured <= 1 % of max |logit| on
-# the tiny test model; 3e-7 on MiniLM-L6); SparseML's integer and QDQ graphs keep the older bound.
-INT8_TOLERANCES = {"ort": 5e-2, "ort-u8": 5e-2, "integer": INT8_TOLERANCE, "qdq": INT8_TOLERANCE}
+# per INT8 form (graph.INT8_FORMATS), same scaling. All four keep every scale of the QAT model, so
+# they differ from PyTorch only where summation order moves an activation across a rounding step
+# (flips: 0.007-0.12 measured, docs/export.md), the same bound for all; a form whose integer kernel
+# is not exact on this CPU is caught by int8_kernels_exact(), not by a tighter bound.
+INT8_TOLERANCES = {form: INT8_TOLERANCE for form in ("ort", "ort-u8", "integer", "qdq")}
 # the integer GEMM each INT8 form runs on in ORT (QDQ: after ORT fuses it, with INT8 weights)
 INT8_KERNELS = {"ort": "u8s8", "ort-u8": "u8u8", "integer": "u8u8", "qdq": "u8s8"}
 
