@@ -515,3 +515,25 @@ def test_per_channel_qat_model_exports_in_the_ort_form(tiny_bert_dir, tmp_path):
         model, path, tokenizer, quantized=True, sequence_length=32, tolerance=INT8_TOLERANCES["ort-u8"]
     )
     assert report.passed
+
+
+def test_cli_export_int8_format_option(artifacts, tmp_path):
+    """``obert export --int8-format``: an unknown form is one line naming the choices; a named form
+    that passes is written and printed."""
+    from typer.testing import CliRunner
+
+    from obert_modifiers.cli import _build
+
+    runner = CliRunner()
+    bad = runner.invoke(
+        _build(), ["export", str(artifacts["qat_dir"]), "--int8-format", "int4", "--out", str(tmp_path / "a")]
+    )
+    assert bad.exit_code == 1 and "unknown INT8 format 'int4'" in bad.output
+    assert not (tmp_path / "a").exists()
+    args = ["export", str(artifacts["qat_dir"]), "-s", "32", "--int8-format", "ort-u8"]
+    good = runner.invoke(_build(), [*args, "--out", str(tmp_path / "b")])
+    assert good.exit_code == 0, good.output
+    assert "(INT8 ort-u8," in good.output
+    manifest = json.loads((tmp_path / "b" / "export.json").read_text())
+    assert manifest["int8_format"] == "ort-u8" and manifest["int8_choice"]["requested"] == "ort-u8"
+    assert list(manifest["int8_choice"]["tried"]) == ["ort-u8"]
