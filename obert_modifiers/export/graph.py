@@ -13,8 +13,8 @@ from obert_modifiers.export.errors import OPSET
 from obert_modifiers.export.parity import SAMPLE_TEXTS, _input_names
 
 # INT8 forms of a QAT model, fastest on ONNX Runtime first (docs/export.md, docs/results.md):
-#   ort      QuantizeLinear (UINT8) -> MatMulInteger with INT8 weights -> Cast -> Mul, fused by ORT into
-#            MatMulIntegerToFloat; exact only where ORT's u8s8 kernel is (VNNI)
+#   ort      QDQ activations, weights stored as INT8 -> DequantizeLinear -> MatMul, which ORT fuses
+#            into MatMulIntegerToFloat; exact only where ORT's u8s8 kernel is (VNNI)
 #   ort-u8   the same with the weights on the UINT8 grid (zero point 128): exact on any x86 CPU
 #   integer  SparseML's conversion (MatMulInteger with UINT8 weights, INT32 bias): DeepSparse's INT8 path
 #   qdq      QuantizeLinear/DequantizeLinear pairs left for the runtime to fuse
@@ -63,7 +63,7 @@ def export_onnx_file(
         dynamo=False,
     )
     if quantized and int8_format in ("ort", "ort-u8"):
-        qdq_to_ort_int8(onnx_path, weights="u8" if int8_format == "ort-u8" else "s8")
+        qdq_to_ort_int8(onnx_path, weights="u8" if int8_format == "ort-u8" else "s8", layout="qdq")
     elif quantized and int8_format == "qdq":
         fold_embedding_qdq(onnx_path)
 
@@ -201,16 +201,21 @@ def _gather_quantized_tables(graph, producers) -> int:
     return rewritten
 
 
-def qdq_to_ort_int8(onnx_path: str | os.PathLike, activations: str = "u8", weights: str = "s8") -> int:
+def qdq_to_ort_int8(
+    onnx_path: str | os.PathLike, activations: str = "u8", weights: str = "s8", layout: str = "integer"
+) -> int:
     """Rewrite a QAT model's QDQ graph, in place, into ORT's integer GEMM form, with the QAT
     model's own scales and zero points (nothing re-calibrated): every ``MatMul`` of a fake-quantized
     activation ``DequantizeLinear(QuantizeLinear(x, s_x, z_x))`` by a fake-quantized constant weight
     ``[Transpose](DequantizeLinear(QuantizeLinear(W, s_w, 0)))`` becomes ``MatMulInteger`` (INT8
-    weights, per-tensor or per-output-channel as trained) -> ``Cast`` -> ``Mul`` by ``s_x * s_w``,
+    weights, per-tensor or per-output-channel as trained) -> ``Cast`` -> ``Mul`` by ``Mul(s_x, s_w)``,
     the pattern ORT fuses into ``MatMulIntegerToFloat``. Biases stay float ``Add`` nodes (baked on
-    the INT32 grid by the exporter). Fake-quantized embedding tables are stored as UINT8 and
-    gathered before they are dequantized (``Gather`` -> ``DequantizeLinear``: the same values, a
-    quarter of the bytes). ``activations="s8"`` quantizes activations to INT8 (zero point
+    the INT32 grid by the exporter). ``layout="qdq"`` (what export writes) instead stores the INT8
+    (or UINT8) weights and keeps ``DequantizeLinear -> MatMul``: ORT fuses that into
+    ``MatMulIntegerToFloat``, while it constant-folds the static scale product of the integer layout
+    and leaves its ``MatMulInteger -> Cast -> Mul -> Add`` unfused. Fake-quantized embedding tables
+    are stored as UINT8 and gathered before they are dequantized (``Gather`` -> ``DequantizeLinear``:
+    the same values, a quarter of the bytes). ``activations="s8"`` quantizes activations to INT8 (zero point
     ``z_x - 128``, the same values) for S8S8 kernels. Pruned weights stay exactly zero and shapes
     are unchanged. Attention matmuls (two activations) stay QDQ. Returns the MatMuls rewritten."""
     import numpy as np
@@ -282,6 +287,34 @@ def qdq_to_ort_int8(onnx_path: str | os.PathLike, activations: str = "u8", weigh
         prefix = f"{node.name or node.output[0]}_int8"
         x_q = dequantize.input[0]
         new_nodes = []
+        if layout == "qdq":  # stored INT8/UINT8 weights -> DequantizeLinear -> the same MatMul
+            zero = np.zeros(w_scale.shape, dtype=np.int8)
+            stored = q_weight
+            if weights == "u8":
+                stored = (q_weight.astype(np.int16) + 128).astype(np.uint8)
+                zero = np.full(w_scale.shape, 128, dtype=np.uint8)
+            graph.initializer.extend(
+                [
+                    numpy_helper.from_array(stored, f"{prefix}_weight"),
+                    numpy_helper.from_array(w_scale.astype(np.float32), f"{prefix}_weight_scale"),
+                    numpy_helper.from_array(zero, f"{prefix}_weight_zero_point"),
+                ]
+            )
+            extra = {"axis": 1} if w_scale.size > 1 else {}
+            new_nodes.append(
+                helper.make_node(
+                    "DequantizeLinear",
+                    [f"{prefix}_weight", f"{prefix}_weight_scale", f"{prefix}_weight_zero_point"],
+                    [f"{prefix}_weight_float"],
+                    name=f"{prefix}_DequantizeLinear",
+                    **extra,
+                )
+            )
+            node.input[1] = f"{prefix}_weight_float"
+            position = list(graph.node).index(node)
+            graph.node.insert(position, new_nodes[0])
+            count += 1
+            continue
         if activations == "s8" and x_zero.dtype == np.uint8:
             if x_q not in s8_inputs:
                 s8_inputs[x_q] = f"{x_q}_s8"
@@ -302,14 +335,15 @@ def qdq_to_ort_int8(onnx_path: str | os.PathLike, activations: str = "u8", weigh
         if weights == "u8":  # the same values on the UINT8 grid, zero point 128
             q_weight = (q_weight.astype(np.int16) + 128).astype(np.uint8)
             weight_zero = np.array(128, dtype=np.uint8)
-        combined = (x_scale.astype(np.float32).reshape(()) * w_scale).astype(np.float32)
         graph.initializer.extend(
             [
                 numpy_helper.from_array(q_weight, f"{prefix}_weight"),
                 numpy_helper.from_array(weight_zero, f"{prefix}_weight_zero_point"),
-                numpy_helper.from_array(combined, f"{prefix}_scale"),
+                numpy_helper.from_array(x_scale.astype(np.float32).reshape(()), f"{prefix}_input_scale"),
+                numpy_helper.from_array(w_scale.astype(np.float32), f"{prefix}_weight_scale"),
             ]
         )
+        # the scale as Mul(input scale, weight scale): the pattern ORT's MatMulIntegerToFloat fusion matches
         new_nodes += [
             helper.make_node(
                 "MatMulInteger",
@@ -319,6 +353,10 @@ def qdq_to_ort_int8(onnx_path: str | os.PathLike, activations: str = "u8", weigh
             ),
             helper.make_node(
                 "Cast", [f"{prefix}_int32"], [f"{prefix}_float"], to=TensorProto.FLOAT, name=f"{prefix}_Cast"
+            ),
+            helper.make_node(
+                "Mul", [f"{prefix}_input_scale", f"{prefix}_weight_scale"], [f"{prefix}_scale"],
+                name=f"{prefix}_ScaleMul",
             ),
             helper.make_node(
                 "Mul", [f"{prefix}_float", f"{prefix}_scale"], list(node.output), name=f"{prefix}_Mul"
