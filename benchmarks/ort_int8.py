@@ -251,7 +251,9 @@ def markdown(payload: dict) -> str:
         f"{payload['onnxruntime']}; batch 1, {payload['threads']} threads, median of {payload['rounds']} "
         f"interleaved rounds; load average {min(loads):.1f}-{max(loads):.1f} during timing (shared "
         "machine: quote the ratios). Max |diff|: largest logit difference from PyTorch on the parity "
-        "sentences. `obert export --int8-format auto` chose "
+        "sentences. ms: median over rounds of each round's median; x FP32: median of the per-round "
+        "ratios (same round), so the two can disagree when the load moves. "
+        "`obert export --int8-format auto` chose "
         f"**{payload['auto_choice']}** on this CPU.",
         "",
         markdown_table(
