@@ -316,7 +316,8 @@ def _export_checked(
         report = attempt(int8_format)
         if not report.passed:
             alternative = None
-            for form in INT8_FORMATS:
+            # the form to suggest: the fastest that passes, on a kernel exact here if one does
+            for form in sorted(INT8_FORMATS, key=lambda f: not exact[INT8_KERNELS[f]]):
                 if form != int8_format and attempt(form).passed:
                     alternative = form
                     break
