@@ -93,6 +93,9 @@ class DeploymentManifest(BaseModel):
     opset: int = Field(ge=1)
     quantized: bool = False
     int8_format: str | None = None
+    # how the INT8 form was chosen: requested, chosen, reason, each tried form's parity, the CPU
+    # (model, flags) and which ORT integer kernels are exact on it (export/orchestrate.py)
+    int8_choice: dict[str, Any] | None = None
     num_layers: int | None = Field(default=None, ge=0)
     num_parameters: int = Field(ge=0)
     sparsity: Sparsity

@@ -33,6 +33,7 @@ from typing import Any
 
 from obert_modifiers.algorithms.latency_search import LatencyKey, LatencySearchError, LatencyTable
 from obert_modifiers.errors import ObertError
+from obert_modifiers.export.graph import rewrite_dynamic_int8 as _quantize  # the table's INT8 proxy
 
 __all__ = [
     "LatencyTableError",
@@ -257,71 +258,6 @@ def _export(module, inputs: dict, path: Path) -> None:
             dynamo=False,
             do_constant_folding=True,
         )
-
-
-def _quantize(path: Path) -> int:
-    """Rewrite the graph, in place, into ORT's dynamic INT8 form, the INT8 proxy of the table: every
-    ``MatMul`` by a constant 2-D weight becomes ``DynamicQuantizeLinear`` (activations, U8) ->
-    ``MatMulInteger`` (weights S8, symmetric per-tensor) -> ``Cast`` -> ``Mul`` by the two scales,
-    the pattern ``onnxruntime.quantization.quantize_dynamic`` writes and ORT fuses. Done here because
-    that module needs ``ml_dtypes``, which the pinned stack lacks. Returns the MatMuls rewritten."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    model = onnx.load(str(path))
-    graph = model.graph
-    weights = {init.name: init for init in graph.initializer}
-    quantized_inputs: dict[str, tuple[str, str, str]] = {}
-    nodes = []
-    count = 0
-    for node in graph.node:
-        weight = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        array = numpy_helper.to_array(weight) if weight is not None else None
-        if array is None or array.ndim != 2 or array.dtype != np.float32:
-            nodes.append(node)
-            continue
-        count += 1
-        x = node.input[0]
-        if x not in quantized_inputs:
-            names = (f"{x}_quant", f"{x}_scale", f"{x}_zero_point")
-            quantize = helper.make_node("DynamicQuantizeLinear", [x], list(names), name=f"{x}_QuantizeLinear")
-            nodes.append(quantize)
-            quantized_inputs[x] = names
-        x_q, x_scale, x_zero = quantized_inputs[x]
-        scale = float(np.abs(array).max()) / 127.0 or 1.0
-        prefix = f"{node.name or node.output[0]}_int8"
-        q = np.clip(np.round(array / scale), -127, 127).astype(np.int8)
-        graph.initializer.extend(
-            [
-                numpy_helper.from_array(q, f"{prefix}_weight"),
-                numpy_helper.from_array(np.array(0, dtype=np.int8), f"{prefix}_weight_zero_point"),
-                numpy_helper.from_array(np.array(scale, dtype=np.float32), f"{prefix}_weight_scale"),
-            ]
-        )
-        nodes += [
-            helper.make_node(
-                "MatMulInteger",
-                [x_q, f"{prefix}_weight", x_zero, f"{prefix}_weight_zero_point"],
-                [f"{prefix}_int32"],
-                name=f"{prefix}_MatMulInteger",
-            ),
-            helper.make_node("Cast", [f"{prefix}_int32"], [f"{prefix}_float"], to=TensorProto.FLOAT,
-                             name=f"{prefix}_Cast"),
-            helper.make_node("Mul", [x_scale, f"{prefix}_weight_scale"], [f"{prefix}_scale"],
-                             name=f"{prefix}_ScaleMul"),
-            helper.make_node("Mul", [f"{prefix}_float", f"{prefix}_scale"], list(node.output),
-                             name=f"{prefix}_OutputMul"),
-        ]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return count
 
 
 def _session(path: Path, threads: int):

@@ -178,3 +178,45 @@ def test_benchmark_cli_table_speedup_and_json(artifacts, tmp_path):
     assert row["engine"] == "onnxruntime" and row["median_ms"] > 0
     assert row["speedup_same_engine"] > 0 and row["speedup_vs_baseline_onnxruntime"] > 0
     assert data["baseline"] == str(artifacts["fp32"].path)
+    # the engine path: ORT's providers and the file's INT8 form, in the table and the JSON
+    manifest = json.loads((artifacts["int8"].path / "export.json").read_text())
+    assert row["path"]["providers"][-1] == "CPUExecutionProvider"
+    assert row["path"]["int8_form"] == manifest["int8_format"]
+    assert f"INT8 {manifest['int8_format']}" in result.output
+    assert data["baseline_results"][0]["path"]["int8_form"] is None  # FP32
+
+
+def test_benchmark_records_each_engines_path(artifacts):
+    """ORT: providers, the file's INT8 form and whether its integer kernel is exact here;
+    DeepSparse: its own ISA/VNNI detection and INT8 native or emulated; both: the CPU flags."""
+    from obert_modifiers.bench import run_benchmark
+    from obert_modifiers.bench.runner import describe_path
+    from obert_modifiers.export.parity import INT8_KERNELS, int8_kernels_exact
+    from obert_modifiers.latency import cpu_flags
+
+    manifest = json.loads((artifacts["int8"].path / "export.json").read_text())
+    results = run_benchmark(
+        artifacts["int8"].path,
+        engines=("onnxruntime", "deepsparse"),
+        sequence_length=16,
+        num_cores=1,
+        seconds=0.2,
+        warmup_seconds=0.05,
+    )
+    flags = cpu_flags()
+    by_engine = {r.engine: r for r in results}
+    ort_path = by_engine["onnxruntime"].path
+    assert ort_path["cpu_flags"] == cpu_flags(("avx2", "avx512f", "avx512_vnni", "avx_vnni"))
+    assert ort_path["providers"] == ["CPUExecutionProvider"]
+    form = manifest["int8_format"]
+    assert ort_path["int8_form"] == form and ort_path["int8_kernel"] == INT8_KERNELS[form]
+    assert ort_path["int8_kernel_exact"] == int8_kernels_exact()[INT8_KERNELS[form]]
+    ds = by_engine["deepsparse"]
+    if ds.status != "unavailable":
+        vnni = flags["avx512_vnni"] or flags["avx_vnni"]
+        assert ds.path["vnni"] == vnni and ds.path["isa"] in ("avx2", "avx512", "avx512_vnni", "neon")
+        assert ds.path["int8"] == ("native" if vnni else "emulated")
+        assert describe_path(ds.path).endswith("" if vnni else "emulated (no VNNI)")
+    fp32 = run_benchmark(artifacts["fp32"].path, engines=("onnxruntime",), sequence_length=16,
+                         num_cores=1, seconds=0.1, warmup_seconds=0.05)
+    assert fp32[0].path["int8_form"] is None and describe_path(fp32[0].path) == "CPU, FP32"

@@ -75,7 +75,11 @@ def test_int8_deployment_from_safetensors_keeps_quantization_and_sparsity(artifa
     folder = result.path
     ops = _ops(folder / "model.onnx")
     assert result.quantized
-    assert ops.count("MatMulInteger") >= 8 * 4  # 6 linears + 2 attention matmuls per layer
+    # the 6 linears of each layer store 8-bit weights (INT8 or UINT8, whatever the form)
+    from onnx import numpy_helper
+
+    stored = [numpy_helper.to_array(i) for i in onnx.load(str(folder / "model.onnx")).graph.initializer]
+    assert sum(a.ndim == 2 and a.dtype in (np.int8, np.uint8) and a.shape[0] < 100 for a in stored) >= 6 * 4
     assert "QuantizeLinear" in ops
     assert result.max_abs_diff <= result.tolerance
     assert result.prediction_agreement == 1.0
@@ -83,7 +87,8 @@ def test_int8_deployment_from_safetensors_keeps_quantization_and_sparsity(artifa
     assert "!OBertQuantizationModifier" in (folder / "recipe.yaml").read_text()
     manifest = json.loads((folder / "export.json").read_text())
     assert manifest["quantized"] is True
-    assert manifest["int8_format"] == "integer"  # the graph DeepSparse runs with INT8 kernels, no fallback
+    # auto: the fastest form that passes parity with an exact integer kernel on this CPU
+    assert manifest["int8_format"] == manifest["int8_choice"]["chosen"] == result.int8_format
     per_layer = manifest["sparsity"]["per_layer"]
     encoder = {k: v for k, v in per_layer.items() if ".encoder." in k}
     assert len(encoder) == 24 and all(v == pytest.approx(0.5, abs=1e-3) for v in encoder.values())
@@ -145,6 +150,18 @@ def test_parity_check_catches_a_weight_changed_after_fp32_export(artifacts, tmp_
     assert error.value.report.max_abs_diff > 1e-4
 
 
+def _negate_int8(array):
+    return np.clip(-array.astype(np.int32), -128, 127).astype(np.int8)
+
+
+def result_dtype(onnx_path: Path):
+    """The dtype of the 8-bit (64, 32) weight matrices of an INT8 file."""
+    from onnx import numpy_helper
+
+    arrays = [numpy_helper.to_array(init) for init in onnx.load(str(onnx_path)).graph.initializer]
+    return next(a.dtype for a in arrays if a.shape == (64, 32) and a.dtype in (np.int8, np.uint8))
+
+
 def test_parity_check_catches_a_weight_changed_after_int8_export(artifacts, tmp_path):
     from obert_modifiers.export import ParityError, check_parity, load_model
 
@@ -152,7 +169,10 @@ def test_parity_check_catches_a_weight_changed_after_int8_export(artifacts, tmp_
     source = artifacts["int8"].path / "model.onnx"
     assert check_parity(model, source, tokenizer, quantized=True, sequence_length=64).passed
     tampered = tmp_path / "tampered-int8.onnx"
-    _tamper(source, tampered, np.uint8, (64, 32), _mirror_uint8)
+    if result_dtype(source) == np.uint8:
+        _tamper(source, tampered, np.uint8, (64, 32), _mirror_uint8)
+    else:  # the ort form's INT8 weights (zero point 0): negate the matrix
+        _tamper(source, tampered, np.int8, (64, 32), _negate_int8)
     with pytest.raises(ParityError, match="largest difference") as error:
         check_parity(model, tampered, tokenizer, quantized=True, sequence_length=64)
     assert error.value.report.max_abs_diff > error.value.report.tolerance
@@ -277,7 +297,7 @@ def test_sparseml_export_trap_vs_ours(artifacts, tmp_path):
     theirs = model_dir / "deployment" / "model.onnx"
     their_ops = _ops(theirs)
     assert "MatMulInteger" not in their_ops and "QuantizeLinear" not in their_ops
-    assert "MatMulInteger" in _ops(artifacts["int8"].path / "model.onnx")
+    assert "QuantizeLinear" in _ops(artifacts["int8"].path / "model.onnx")
 
     model, tokenizer, _ = load_model(artifacts["qat_dir"])
     ours = check_parity(
@@ -369,6 +389,157 @@ def test_export_json_is_written_through_the_deployment_contract(artifacts):
     result = artifacts["int8"]
     manifest = DeploymentManifest.read(result.path)
     assert manifest.format_version == 1 and manifest.sequence_length == result.sequence_length == 64
-    assert manifest.int8_format == result.int8_format == "integer"
+    assert manifest.int8_format == result.int8_format == manifest.int8_choice["chosen"]
     assert manifest.parity.max_abs_diff == result.max_abs_diff
     assert manifest.sparsity.overall == pytest.approx(result.sparsity, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# INT8 forms: each exports, runs in ORT and matches PyTorch within its tolerance; auto's choice
+
+
+@pytest.mark.parametrize("form", ["ort", "ort-u8", "integer", "qdq"])
+def test_each_int8_form_exports_runs_and_matches_pytorch_within_its_tolerance(artifacts, tmp_path, form):
+    from obert_modifiers.algorithms.quantization import bake_int32_biases
+    from obert_modifiers.export import check_parity, load_model, onnx_weight_sparsity
+    from obert_modifiers.export.graph import INT8_FORMATS, export_onnx_file
+    from obert_modifiers.export.parity import INT8_TOLERANCES
+
+    assert form in INT8_FORMATS
+    model, tokenizer, _ = load_model(artifacts["qat_dir"])
+    bake_int32_biases(model)
+    path = tmp_path / f"{form}.onnx"
+    export_onnx_file(model, tokenizer, path, 64, quantized=True, int8_format=form)
+    report = check_parity(
+        model, path, tokenizer, quantized=True, sequence_length=64, tolerance=INT8_TOLERANCES[form]
+    )
+    assert report.passed and report.max_abs_diff <= INT8_TOLERANCES[form] * 3  # logits are O(1)
+    assert report.prediction_agreement == 1.0
+    ops = _ops(path)
+    if form in ("ort", "ort-u8"):
+        from onnx import numpy_helper
+
+        graph = onnx.load(str(path)).graph
+        inits = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+        weights = [
+            inits[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+        ]
+        weights = [w for w in weights if w.ndim == 2 and w.shape[0] < 100]  # not the embedding tables
+        assert len(weights) == 6 * 4 and "Transpose" in ops  # stored [in, out], activations stay QDQ
+        assert {w.dtype for w in weights} == {np.dtype(np.int8 if form == "ort" else np.uint8)}
+        # shapes kept: [in, out] of every encoder linear (hidden 32, intermediate 64)
+        assert sorted({w.shape for w in weights}) == [(32, 32), (32, 64), (64, 32)]
+    # the masks survive as exact zero points
+    sparsity = onnx_weight_sparsity(path)
+    encoder = [v for v in sparsity.values() if 0.3 < v < 0.7]
+    assert len(encoder) >= 24 and min(encoder) >= 0.5 - 1e-3, sparsity
+
+
+def test_int8_kernel_probe_matches_the_cpu_flags():
+    from obert_modifiers.export.parity import int8_kernels_exact
+    from obert_modifiers.latency import cpu_flags
+
+    exact = int8_kernels_exact()
+    assert exact["u8u8"] and exact["s8s8"]  # 16-bit products: exact on every x86 CPU
+    flags = cpu_flags()
+    if not (flags["avx512_vnni"] or flags["avx_vnni"]):
+        assert not exact["u8s8"]  # AVX2 vpmaddubsw saturates pairs of products
+
+
+def test_auto_int8_choice_passes_parity_and_records_why(artifacts):
+    from obert_modifiers.export.graph import INT8_FORMATS
+    from obert_modifiers.export.parity import INT8_KERNELS, int8_kernels_exact
+
+    manifest = json.loads((artifacts["int8"].path / "export.json").read_text())
+    choice = manifest["int8_choice"]
+    chosen = choice["chosen"]
+    assert choice["requested"] == "auto" and manifest["int8_format"] == chosen
+    tried = choice["tried"]
+    # every form before the chosen one was tried and recorded with its max difference
+    assert list(tried) == list(INT8_FORMATS[: INT8_FORMATS.index(chosen) + 1])
+    assert tried[chosen]["passed"] and tried[chosen]["kernel_exact"]
+    assert tried[chosen]["max_abs_diff"] == manifest["parity"]["max_abs_diff"]
+    assert tried[chosen]["tolerance"] == manifest["parity"]["tolerance"]
+    exact = int8_kernels_exact()
+    assert choice["kernels_exact"] == exact
+    if not exact["u8s8"]:  # no VNNI: ORT's U8S8 form is not exact here, auto moves on
+        assert chosen != "ort" and tried["ort"]["kernel_exact"] is False
+        assert "ort:" in choice["reason"] and f"{tried['ort']['max_abs_diff']:.3g}" in choice["reason"]
+    assert INT8_KERNELS[chosen] in choice["reason"]
+    assert set(choice["cpu"]["flags"]) >= {"avx2", "avx512_vnni", "avx_vnni"} and choice["cpu"]["model"]
+
+
+def test_forced_int8_form_that_fails_parity_is_refused_naming_the_form_that_passes(
+    artifacts, tmp_path, monkeypatch
+):
+    from obert_modifiers.export import ParityError, export_deployment
+    from obert_modifiers.export.parity import INT8_TOLERANCES
+
+    # a negative tolerance is never met: qdq fails here whatever the CPU
+    monkeypatch.setitem(INT8_TOLERANCES, "qdq", -1.0)
+    target = tmp_path / "forced"
+    with pytest.raises(ParityError) as error:
+        export_deployment(artifacts["qat_dir"], target, sequence_length=64, progress=False, int8_format="qdq")
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("--int8-format qdq fails the parity check on this CPU: max |diff| ")
+    # the suggestion: the fastest form that passes, on a kernel exact here (ort-u8 without VNNI)
+    from obert_modifiers.export.parity import int8_kernels_exact
+
+    expected = "ort" if int8_kernels_exact()["u8s8"] else "ort-u8"
+    assert f"; {expected} passes (max |diff| " in message and f"--int8-format {expected} or auto" in message
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_unknown_int8_format_is_refused_before_loading(artifacts, tmp_path):
+    from obert_modifiers.export import ExportError, export_deployment
+
+    with pytest.raises(ExportError, match=r"unknown INT8 format 'int4': expected auto or one of ort, "):
+        export_deployment(artifacts["qat_dir"], tmp_path / "x", progress=False, int8_format="int4")
+
+
+def test_per_channel_qat_model_exports_in_the_ort_form(tiny_bert_dir, tmp_path):
+    from test_quantization import make_qat_model_dir
+
+    from obert_modifiers.algorithms.quantization import bake_int32_biases
+    from obert_modifiers.export import check_parity, load_model
+    from obert_modifiers.export.graph import export_onnx_file
+    from obert_modifiers.export.parity import INT8_TOLERANCES
+
+    qat_dir = make_qat_model_dir(tiny_bert_dir, tmp_path / "qat-channel", strategy="channel", steps=2)
+    model, tokenizer, _ = load_model(qat_dir)
+    bake_int32_biases(model)
+    path = tmp_path / "channel.onnx"
+    export_onnx_file(model, tokenizer, path, 32, quantized=True, int8_format="ort-u8")
+    graph = onnx.load(str(path)).graph
+    from onnx import numpy_helper
+
+    inits = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    scales = [array for name, array in inits.items() if name.endswith("_int8_weight_scale")]
+    assert len(scales) == 24 and all(s.shape in ((32,), (64,)) for s in scales)  # one per output column
+    report = check_parity(
+        model, path, tokenizer, quantized=True, sequence_length=32, tolerance=INT8_TOLERANCES["ort-u8"]
+    )
+    assert report.passed
+
+
+def test_cli_export_int8_format_option(artifacts, tmp_path):
+    """``obert export --int8-format``: an unknown form is one line naming the choices; a named form
+    that passes is written and printed."""
+    from typer.testing import CliRunner
+
+    from obert_modifiers.cli import _build
+
+    runner = CliRunner()
+    bad = runner.invoke(
+        _build(), ["export", str(artifacts["qat_dir"]), "--int8-format", "int4", "--out", str(tmp_path / "a")]
+    )
+    assert bad.exit_code == 1 and "unknown INT8 format 'int4'" in bad.output
+    assert not (tmp_path / "a").exists()
+    args = ["export", str(artifacts["qat_dir"]), "-s", "32", "--int8-format", "ort-u8"]
+    good = runner.invoke(_build(), [*args, "--out", str(tmp_path / "b")])
+    assert good.exit_code == 0, good.output
+    assert "(INT8 ort-u8," in good.output
+    manifest = json.loads((tmp_path / "b" / "export.json").read_text())
+    assert manifest["int8_format"] == "ort-u8" and manifest["int8_choice"]["requested"] == "ort-u8"
+    assert list(manifest["int8_choice"]["tried"]) == ["ort-u8"]

@@ -66,6 +66,7 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from obert_modifiers.bench import run_benchmark
+        from obert_modifiers.bench.runner import describe_path
 
         seq = sequence_length or _sequence_length_default(deployment_dir)
         kwargs = dict(
@@ -88,7 +89,7 @@ def register(app: typer.Typer) -> None:
         base_ort = base_by_engine.get("onnxruntime")
 
         table = Table(title=f"{deployment_dir} (batch {batch_size}, seq {seq}, cores {num_cores or 'all'})")
-        for column in ("engine", "median ms", "p90 ms", "mean ms", "items/s", "load 1m"):
+        for column in ("engine", "median ms", "p90 ms", "mean ms", "items/s", "load 1m", "path"):
             table.add_column(column, justify="right" if column != "engine" else "left")
         if baseline is not None:
             table.add_column("speedup (same engine)", justify="right")
@@ -96,7 +97,7 @@ def register(app: typer.Typer) -> None:
         rows = []
         for result in results:
             if not result.ok:
-                row = [result.engine, result.status, "", "", "", ""]
+                row = [result.engine, result.status, "", "", "", "", describe_path(result.path)]
                 if baseline is not None:
                     row += ["", ""]
                 table.add_row(*row)
@@ -110,6 +111,7 @@ def register(app: typer.Typer) -> None:
                 f"{result.mean_ms:.3f}",
                 f"{result.items_per_second:.1f}",
                 "" if result.load_average_1m is None else f"{result.load_average_1m:.2f}",
+                describe_path(result.path),
             ]
             record = result.to_dict()
             if baseline is not None:

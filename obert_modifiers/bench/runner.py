@@ -33,6 +33,9 @@ __all__ = [
     "BenchmarkError",
     "BenchmarkResult",
     "engine_available",
+    "describe_path",
+    "engine_path",
+    "int8_form_of",
     "make_inputs",
     "run_benchmark",
     "run_deepsparse_benchmark_cli",
@@ -62,6 +65,9 @@ class BenchmarkResult:
     error: str | None = None
     load_average_1m: float | None = None
     model: str = ""
+    # which path the engine took: ORT's providers and the file's INT8 form; DeepSparse's ISA and
+    # whether its INT8 kernels are native (VNNI) or emulated; the CPU flags (engine_path())
+    path: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -261,11 +267,95 @@ def _unavailable(engine, batch_size, sequence_length, num_cores, status, error, 
     )
 
 
+def int8_form_of(onnx_path: str | os.PathLike) -> str | None:
+    """The INT8 form of an ONNX file: ``export.json``'s ``int8_format`` beside it, else read from
+    its operators (``MatMulInteger`` with INT8 / UINT8 weights, ``DequantizeLinear`` only: qdq);
+    None for an FP32 graph."""
+    import onnx
+
+    onnx_path = Path(onnx_path)
+    manifest = onnx_path.parent / "export.json"
+    if manifest.is_file():
+        try:
+            recorded = json.loads(manifest.read_text()).get("int8_format")
+        except (OSError, ValueError):
+            recorded = None
+        if recorded:
+            return str(recorded)
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    inits = {init.name: init.data_type for init in graph.initializer}
+    ops = [node for node in graph.node]
+    integer = [n for n in ops if n.op_type == "MatMulInteger" and len(n.input) > 1]
+    if integer:
+        signed = any(inits.get(n.input[1]) == onnx.TensorProto.INT8 for n in integer)
+        return "ort" if signed else "integer"
+    if any(n.op_type in ("DequantizeLinear", "QLinearMatMul") for n in ops):
+        return "qdq"
+    return None
+
+
+def engine_path(engine: str, onnx_path: str | os.PathLike, session: Any = None) -> dict[str, Any]:
+    """What path ``engine`` takes on this CPU for ``onnx_path``: the CPU flags (avx2, avx512_vnni,
+    avx_vnni) and the file's INT8 form for both; ORT's execution providers; DeepSparse's own CPU
+    detection (ISA, VNNI) and whether its INT8 kernels run natively or emulated (no VNNI: DeepSparse
+    logs "no VNNI instructions were detected" and emulates INT8)."""
+    from obert_modifiers.latency import cpu_flags
+
+    flags = cpu_flags(("avx2", "avx512f", "avx512_vnni", "avx_vnni"))
+    form = int8_form_of(onnx_path)
+    path: dict[str, Any] = {"cpu_flags": flags, "int8_form": form}
+    if engine == "onnxruntime":
+        import onnxruntime as ort
+
+        path["providers"] = list(session.get_providers()) if session is not None else ["CPUExecutionProvider"]
+        path["onnxruntime"] = ort.__version__
+        if form is not None:
+            from obert_modifiers.export.parity import INT8_KERNELS, int8_kernels_exact
+
+            kernel = INT8_KERNELS.get(form)
+            path["int8_kernel"] = kernel
+            path["int8_kernel_exact"] = int8_kernels_exact().get(kernel) if kernel else None
+    elif engine == "deepsparse":
+        try:
+            import deepsparse
+            from deepsparse.cpu import cpu_architecture
+
+            arch = cpu_architecture()
+            isa, vnni = str(arch.isa), bool(arch.vnni)
+            path["deepsparse"] = deepsparse.__version__
+        except Exception:  # no DeepSparse: the flags decide
+            isa = "avx512" if flags["avx512f"] else ("avx2" if flags["avx2"] else "unknown")
+            vnni = flags["avx512_vnni"] or flags["avx_vnni"]
+        path["isa"], path["vnni"] = isa, vnni
+        path["int8"] = None if form is None else ("native" if vnni else "emulated")
+    return path
+
+
+def describe_path(path: dict[str, Any] | None) -> str:
+    """One short cell for a result's ``path``: ``CPU, INT8 ort-u8 (u8u8 exact)`` or
+    ``avx2, INT8 emulated (no VNNI)``."""
+    if not path:
+        return ""
+    form = path.get("int8_form")
+    if "providers" in path:
+        providers = ",".join(p.replace("ExecutionProvider", "") for p in path["providers"])
+        if form is None:
+            return f"{providers}, FP32"
+        exact = path.get("int8_kernel_exact")
+        kernel = path.get("int8_kernel")
+        note = f" ({kernel} {'exact' if exact else 'not exact'})" if kernel else ""
+        return f"{providers}, INT8 {form}{note}"
+    isa = path.get("isa", "?")
+    if form is None:
+        return f"{isa}, FP32"
+    return f"{isa}, INT8 {path.get('int8')}" + ("" if path.get("vnni") else " (no VNNI)")
+
+
 def _load() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
-def _run_onnxruntime(onnx_path: Path, inputs, num_cores, seconds, warmup) -> list[float]:
+def _run_onnxruntime(onnx_path: Path, inputs, num_cores, seconds, warmup, path: dict) -> list[float]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -275,6 +365,7 @@ def _run_onnxruntime(onnx_path: Path, inputs, num_cores, seconds, warmup) -> lis
     if num_cores:
         options.intra_op_num_threads = int(num_cores)
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    path["providers"] = list(session.get_providers())
     return _time_calls(lambda: session.run(None, inputs), seconds, warmup)
 
 
@@ -345,9 +436,10 @@ def run_benchmark(
             if (folder / "model.data").is_file():
                 shutil.copyfile(folder / "model.data", copy.parent / "model.data")
             load = _load()
+            path = engine_path(engine, source)
             try:
                 if engine == "onnxruntime":
-                    times = _run_onnxruntime(copy, inputs, num_cores, seconds, warmup_seconds)
+                    times = _run_onnxruntime(copy, inputs, num_cores, seconds, warmup_seconds, path)
                 else:
                     times = _run_deepsparse(
                         copy, inputs, batch_size, sequence_length, num_cores, seconds, warmup_seconds
@@ -362,10 +454,12 @@ def run_benchmark(
                     f"{error.__class__.__name__}: {error}",
                     str(source),
                 )
+                results[engine].path = path
                 continue
             results[engine] = _summary(
                 engine, batch_size, sequence_length, num_cores, times, load, str(source)
             )
+            results[engine].path = path
     return [results[e] for e in engines]
 
 

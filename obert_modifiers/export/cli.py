@@ -9,7 +9,8 @@ import typer
 EXPORT_HELP = (
     "Export a trained model folder to a DeepSparse / ONNX Runtime deployment folder (model.onnx with "
     "dynamic batch and sequence axes, config, tokenizer, recipe, export.json). QAT models export as "
-    "INT8 (QuantizeLinear + MatMulInteger). The ONNX outputs are checked against PyTorch on sample "
+    "INT8 in the fastest form that matches PyTorch on this CPU (--int8-format). The ONNX outputs are "
+    "checked against PyTorch on sample "
     "sentences before the folder is written; on a mismatch nothing is written."
 )
 
@@ -39,6 +40,16 @@ def register(app: typer.Typer) -> None:
             None, "--out", "-o", help="Deployment folder (default: MODEL_DIR/deployment)"
         ),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing deployment folder"),
+        int8_format: str = typer.Option(
+            "auto",
+            "--int8-format",
+            help=(
+                "INT8 form of a QAT model: auto (the fastest that passes the parity check with an exact "
+                "integer kernel on this CPU), ort (ORT's UINT8 x INT8 GEMM; exact with VNNI), ort-u8 "
+                "(UINT8 weights; exact on any x86 CPU), integer (SparseML's MatMulInteger graph, "
+                "DeepSparse's INT8 path) or qdq. export.json records the choice and why"
+            ),
+        ),
     ) -> None:
         from obert_modifiers.export import DEFAULT_SEQUENCE_LENGTH, export_deployment, max_sequence_length
         from obert_modifiers.runs.logs import log_beside, third_party_logs
@@ -55,9 +66,14 @@ def register(app: typer.Typer) -> None:
         # what SparseML, transformers and ONNX log goes to the log file beside the folder
         with third_party_logs(log_beside(target)):
             result = export_deployment(
-                model_dir, target, task=task, sequence_length=sequence_length, overwrite=overwrite
+                model_dir,
+                target,
+                task=task,
+                sequence_length=sequence_length,
+                overwrite=overwrite,
+                int8_format=int8_format,
             )
-        kind = "INT8" if result.quantized else "FP32"
+        kind = f"INT8 {result.int8_format}" if result.quantized else "FP32"
         typer.echo(
             f"wrote {result.path} ({kind}, {result.onnx_bytes / 1e6:.2f} MB model.onnx, "
             f"sequence length {result.sequence_length}, "

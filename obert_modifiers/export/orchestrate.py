@@ -15,7 +15,7 @@ from typing import Any
 
 from obert_modifiers.deployment import DeploymentManifest, sha256_file, staged_dir
 from obert_modifiers.export.errors import OPSET, ExportError, ExportResult, ParityError
-from obert_modifiers.export.graph import export_onnx_file, fold_embedding_qdq
+from obert_modifiers.export.graph import INT8_FORMATS, export_onnx_file
 from obert_modifiers.export.loading import (
     TOKENIZER_FILES,
     _check_model_dir,
@@ -24,7 +24,7 @@ from obert_modifiers.export.loading import (
     normalize_task,
     resolve_sequence_length,
 )
-from obert_modifiers.export.parity import check_parity
+from obert_modifiers.export.parity import INT8_KERNELS, INT8_TOLERANCES, check_parity, int8_kernels_exact
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -128,6 +128,7 @@ def export_deployment(
     progress: bool = True,
     opset: int = OPSET,
     tolerance: float | None = None,
+    int8_format: str = "auto",
 ) -> ExportResult:
     """Write a deployment folder (``model.onnx``, ``config.json``, tokenizer files, ``recipe.yaml``,
     ``export.json``) for ``model_dir`` into ``out_dir``, after an ONNX/PyTorch parity check.
@@ -138,6 +139,10 @@ def export_deployment(
     renamed into place only when the parity check passed; on any error the staging folder is
     removed, and an existing ``out_dir`` is left untouched (it is only replaced with
     ``overwrite=True``).
+
+    ``int8_format`` (QAT models): ``auto`` (the fastest form that passes parity with an exact integer
+    kernel on this CPU) or one of :data:`INT8_FORMATS`; ``export.json`` records the choice
+    (``int8_choice``: each tried form's max difference, the CPU model and flags).
     """
     started = time.perf_counter()
     model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir).resolve()
@@ -145,6 +150,10 @@ def export_deployment(
     _check_model_dir(model_dir)
     check_task_head(model_dir, task)
     sequence_length = resolve_sequence_length(model_dir, sequence_length)
+    if int8_format != "auto" and int8_format not in INT8_FORMATS:
+        raise ExportError(
+            f"unknown INT8 format {int8_format!r}: expected auto or one of {', '.join(INT8_FORMATS)}"
+        )
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
     if out_dir == model_dir or out_dir in model_dir.parents:
@@ -165,8 +174,9 @@ def export_deployment(
             # QDQ graph (which keeps biases in float) compute the same, and is a no-op for the integer one
             bake_int32_biases(model)
         bar.update()
-        report, int8_format = _export_checked(
-            model, tokenizer, staging / "model.onnx", sequence_length, quantized, opset, tolerance, bar
+        report, chosen_format, int8_choice = _export_checked(
+            model, tokenizer, staging / "model.onnx", sequence_length, quantized, opset, tolerance, bar,
+            int8_format,
         )
         bar.update(2)
 
@@ -185,7 +195,8 @@ def export_deployment(
             sequence_length=sequence_length,
             opset=opset,
             quantized=bool(quantized),
-            int8_format=int8_format,
+            int8_format=chosen_format,
+            int8_choice=int8_choice,
             num_layers=num_layers,
             num_parameters=num_parameters,
             sparsity={
@@ -216,7 +227,7 @@ def export_deployment(
         max_abs_diff=report.max_abs_diff,
         tolerance=report.tolerance,
         quantized=bool(quantized),
-        int8_format=int8_format,
+        int8_format=chosen_format,
         sparsity=overall,
         onnx_bytes=onnx_bytes,
         opset=opset,
@@ -230,44 +241,142 @@ def export_deployment(
     )
 
 
-def _export_checked(model, tokenizer, onnx_path, sequence_length, quantized, opset, tolerance, bar):
-    """Export ``onnx_path`` and check its parity; returns (parity report, INT8 format or None).
+def _cpu() -> dict[str, Any]:
+    from obert_modifiers.latency import cpu_flags, cpu_model
 
-    INT8: SparseML's integer graph (MatMulInteger + INT32 bias) is the one DeepSparse runs with
-    its INT8 kernels; it matches PyTorch because QAT models the INT32 bias grid
-    (algorithms/quantization.py: int32_bias). The QDQ graph stays as a fallback for models the
-    integer conversion gets wrong (DeepSparse gains little on it): keep whichever passes."""
-    formats = ["integer", "qdq"] if quantized else ["fp32"]
-    for attempt, int8_format in enumerate(formats):
-        bar.set_description(f"export: ONNX ({'INT8 ' + int8_format if quantized else 'FP32'}, opset {opset})")
-        export_onnx_file(
-            model,
-            tokenizer,
-            onnx_path,
-            sequence_length,
-            quantized=quantized,
-            opset=opset,
-            int8_format=int8_format,
-        )
-        if quantized and int8_format == "qdq":
-            fold_embedding_qdq(onnx_path)
+    return {"model": cpu_model(), "flags": cpu_flags(("avx2", "avx512f", "avx512_vnni", "avx_vnni"))}
+
+
+def _export_checked(
+    model, tokenizer, onnx_path, sequence_length, quantized, opset, tolerance, bar, int8_format="auto"
+):
+    """Export ``onnx_path`` and check its parity; returns (parity report, INT8 form or None, the
+    ``int8_choice`` record or None).
+
+    FP32: one export, one check. INT8 (:data:`INT8_FORMATS`, fastest on ORT first): ``auto`` keeps
+    the first form that passes the parity check within its tolerance (``INT8_TOLERANCES``) *and*
+    whose integer kernel is exact on this CPU (:func:`int8_kernels_exact`: without VNNI, ORT's
+    UINT8 x INT8 kernel saturates, and ``ort`` gives way to ``ort-u8``); if none is exact, the
+    first that passes. A form the caller names is kept if it passes, and otherwise refused in one
+    line naming its difference and a form that passes here. The record lists each tried form."""
+    if not quantized:
+        bar.set_description(f"export: ONNX (FP32, opset {opset})")
+        export_onnx_file(model, tokenizer, onnx_path, sequence_length, quantized=False, opset=opset)
         bar.set_description("export: parity check (ONNX Runtime vs PyTorch)")
-        try:
-            report = check_parity(
-                model,
-                onnx_path,
-                tokenizer,
-                quantized=quantized,
-                sequence_length=sequence_length,
-                tolerance=tolerance,
+        report = check_parity(
+            model, onnx_path, tokenizer, quantized=False, sequence_length=sequence_length, tolerance=tolerance
+        )
+        return report, None, None
+    if int8_format != "auto" and int8_format not in INT8_FORMATS:
+        raise ExportError(
+            f"unknown INT8 format {int8_format!r}: expected auto or one of {', '.join(INT8_FORMATS)}"
+        )
+    exact = int8_kernels_exact()
+    tried: dict[str, dict[str, Any]] = {}
+    reports: dict[str, Any] = {}
+    staged = onnx_path.with_name("candidate.onnx")
+
+    def attempt(form: str):
+        bar.set_description(f"export: ONNX (INT8 {form}, opset {opset})")
+        export_onnx_file(
+            model, tokenizer, staged, sequence_length, quantized=True, opset=opset, int8_format=form
+        )
+        bar.set_description(f"export: parity check of INT8 {form} (ONNX Runtime vs PyTorch)")
+        report = check_parity(
+            model,
+            staged,
+            tokenizer,
+            quantized=True,
+            sequence_length=sequence_length,
+            tolerance=INT8_TOLERANCES[form] if tolerance is None else tolerance,
+            raise_on_failure=False,
+        )
+        kernel = INT8_KERNELS[form]
+        tried[form] = {
+            "max_abs_diff": report.max_abs_diff,
+            "tolerance": report.tolerance,
+            "prediction_agreement": report.prediction_agreement,
+            "passed": report.passed,
+            "kernel": kernel,
+            "kernel_exact": exact[kernel],
+        }
+        reports[form] = report
+        return report
+
+    chosen, reason = None, ""
+    if int8_format == "auto":
+        for form in INT8_FORMATS:
+            report = attempt(form)
+            if report.passed and exact[INT8_KERNELS[form]]:
+                chosen = form
+                skipped = [f for f in tried if f != form]
+                reason = f"fastest form that passes parity with an exact {INT8_KERNELS[form]} kernel here" + (
+                    f" ({', '.join(skipped)}: " + "; ".join(_why_not(f, tried[f]) for f in skipped) + ")"
+                    if skipped
+                    else ""
+                )
+                os.replace(staged, onnx_path)
+                break
+            _LOGGER.info(f"export: INT8 {form} not kept: {_why_not(form, tried[form])}")
+        if chosen is None:
+            passing = [f for f in tried if tried[f]["passed"]]
+            if not passing:
+                staged.unlink(missing_ok=True)
+                worst = reports[INT8_FORMATS[-1]]
+                raise ParityError(
+                    f"ONNX/PyTorch parity check failed for every INT8 form on {onnx_path}: "
+                    + "; ".join(f"{f} {_why_not(f, tried[f])}" for f in tried),
+                    worst,
+                )
+            chosen = passing[0]
+            reason = f"no form with an exact integer kernel passes here; {chosen} is the fastest that passes"
+            export_onnx_file(
+                model, tokenizer, onnx_path, sequence_length, quantized=True, opset=opset, int8_format=chosen
             )
-        except ParityError as error:
-            if attempt == len(formats) - 1:
-                raise
-            _LOGGER.warning(
-                f"export: the {int8_format} INT8 graph fails the parity check ({error}); "
-                f"exporting the {formats[attempt + 1]} graph instead"
+            staged.unlink(missing_ok=True)
+    else:
+        report = attempt(int8_format)
+        if not report.passed:
+            alternative = None
+            # the form to suggest: the fastest that passes, on a kernel exact here if one does
+            for form in sorted(INT8_FORMATS, key=lambda f: not exact[INT8_KERNELS[f]]):
+                if form != int8_format and attempt(form).passed:
+                    alternative = form
+                    break
+            staged.unlink(missing_ok=True)
+            hint = (
+                f"{alternative} passes (max |diff| {tried[alternative]['max_abs_diff']:.3g}): "
+                f"use --int8-format {alternative} or auto"
+                if alternative
+                else "no INT8 form passes here"
             )
-            continue
-        return report, (int8_format if quantized else None)
-    raise AssertionError("unreachable: the last format either returns or raises")
+            raise ParityError(
+                f"--int8-format {int8_format} fails the parity check on this CPU: max |diff| "
+                f"{report.max_abs_diff:.3g} > {report.tolerance:g} x max(1, |output|) "
+                f"at {report.worst}; {hint}",
+                report,
+            )
+        chosen, reason = int8_format, "requested"
+        if not exact[INT8_KERNELS[int8_format]]:
+            reason += f" (its {INT8_KERNELS[int8_format]} kernel is not exact on this CPU; it passes parity)"
+        os.replace(staged, onnx_path)
+    import onnxruntime
+
+    choice = {
+        "requested": int8_format,
+        "chosen": chosen,
+        "reason": reason,
+        "tried": tried,
+        "cpu": _cpu(),
+        "kernels_exact": exact,
+        "onnxruntime": onnxruntime.__version__,
+    }
+    return reports[chosen], chosen, choice
+
+
+def _why_not(form: str, record: dict[str, Any]) -> str:
+    if not record["passed"]:
+        return f"max |diff| {record['max_abs_diff']:.3g} fails tolerance {record['tolerance']:g}"
+    if not record["kernel_exact"]:
+        return f"max |diff| {record['max_abs_diff']:.3g}, but its {record['kernel']} kernel is not exact here"
+    return f"max |diff| {record['max_abs_diff']:.3g}"
