@@ -3,9 +3,11 @@ the root app through a ``register(app)`` function; heavy imports (torch, SparseM
 commands, so ``obert --help`` stays fast.
 
 Errors are handled in one place, :class:`ObertGroup`: an :class:`~obert_modifiers.errors.ObertError`
-raised by any command prints ``error: <message>`` as one line on stderr and exits 1, without a
-traceback (the message names what was wrong and where); a command that needs an optional
-dependency the install lacks names the extra to install. Usage errors stay click's (exit 2).
+(or an ``OSError``: a file that cannot be read or written, named by its message) raised by any
+command prints ``error: <message>`` as one line on stderr and exits 1, without a traceback (the
+message names what was wrong and where); a command that needs an optional dependency the install
+lacks names the extra to install. Usage errors stay click's (exit 2); ``obert recipe check`` exits 2
+on a bad recipe, as documented.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ class ObertGroup(TyperGroup):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except ObertError as error:
+        except (ObertError, OSError) as error:  # ours name the place; OSError's name the file
             typer.secho(error_line(error), err=True, fg="red")
             raise typer.Exit(1) from None
         except ModuleNotFoundError as error:

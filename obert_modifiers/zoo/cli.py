@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +17,6 @@ token_app = typer.Typer(
     help="Write tokens (run on the server: they go straight into its database).", no_args_is_help=True
 )
 zoo_app.add_typer(token_app, name="token")
-
-
-def _friendly(func: Callable) -> Callable:
-    """Print hub/card/stub errors as one line on stderr and exit 1, instead of a traceback."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from obert_modifiers.errors import ObertError
-
-        try:
-            return func(*args, **kwargs)
-        except (ObertError, OSError) as error:  # hub/card/stub/store/deployment errors; files, permissions
-            typer.echo(f"error: {error}", err=True)
-            raise typer.Exit(1) from None
-
-    return wrapper
 
 
 def _pairs(values: list[str] | None, option: str) -> dict[str, float] | None:
@@ -52,7 +34,6 @@ def _pairs(values: list[str] | None, option: str) -> dict[str, float] | None:
     return result
 
 
-@_friendly
 def card_command(
     model_dir: Path = typer.Argument(..., help="training output, deployment folder, or zoo-layout folder"),
     out: Path | None = typer.Option(None, "--out", help="card path (default MODEL_DIR/model.md)"),
@@ -89,7 +70,6 @@ def card_command(
 
 
 @zoo_app.command("serve")
-@_friendly
 def serve_command(
     db: str | None = typer.Option(
         None,
@@ -125,7 +105,6 @@ def serve_command(
 
 
 @token_app.command("create")
-@_friendly
 def token_create(
     name: str = typer.Argument(..., help="owner name for the token (re-creating replaces its token)"),
     db: str | None = typer.Option(None, help="the server's database URL"),
@@ -155,7 +134,6 @@ def token_revoke(name: str = typer.Argument(...), db: str | None = typer.Option(
 
 
 @zoo_app.command("push")
-@_friendly
 def push_command(
     folder: Path = typer.Argument(
         ..., help="deployment folder (model.onnx, export.json...) or zoo-layout folder"
@@ -175,7 +153,6 @@ def push_command(
 
 
 @zoo_app.command("pull")
-@_friendly
 def pull_command(
     stub: str = typer.Argument(...),
     out: Path | None = typer.Option(None, help="folder to write the model to (default: the cache)"),
@@ -188,7 +165,6 @@ def pull_command(
 
 
 @zoo_app.command("search")
-@_friendly
 def search_command(
     text: str | None = typer.Argument(None, help="words to find in stubs and cards"),
     task: str | None = typer.Option(None),
@@ -215,7 +191,6 @@ def search_command(
 
 
 @zoo_app.command("delete")
-@_friendly
 def delete_command(
     stub: str = typer.Argument(...),
     url: str | None = typer.Option(None, help="hub URL (default $OBERT_HUB_URL)"),
