@@ -16,7 +16,13 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "obert_modifiers"
 RULES = [
     ("algorithms-no-sparseml", "obert_modifiers.algorithms", ("sparseml",), "algorithms/ is pure torch"),
     ("params-no-framework", "obert_modifiers.params", ("sparseml", "torch"), "any adapter builds from it"),
-    ("native-no-sparseml", "obert_modifiers.native", ("sparseml", "torch"), "the modern venv has neither"),
+    ("native-no-sparseml", "obert_modifiers.native", ("sparseml",), "the modern venv has no SparseML"),
+    (
+        "native-recipe-light",
+        "obert_modifiers.native.recipe",
+        ("sparseml", "torch", "transformers"),
+        "obert recipe check runs in the light install",
+    ),
     ("zoo-no-torch", "obert_modifiers.zoo", ("torch", "transformers"), "the hub runs without torch"),
     ("export-no-zoo", "obert_modifiers.export", ("obert_modifiers.zoo",), "export runs without [hub]"),
     ("bench-no-zoo", "obert_modifiers.bench", ("obert_modifiers.zoo",), "bench runs without [hub]"),
