@@ -119,6 +119,21 @@ def _from_pretrained_like(student: nn.Module, folder: Path) -> nn.Module:
     return transformers.AutoModel.from_pretrained(folder)
 
 
+class RecipeLR(torch.optim.lr_scheduler.MultiplicativeLR):
+    """SparseML's placeholder scheduler (``MultiplicativeLR(lambda _: 1.0)``: the rate the recipe
+    set stays) that reports the rate the optimizer holds, so the trainer logs the rate each step used."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        super().__init__(optimizer, _one)
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+
+def _one(_epoch: int) -> float:
+    return 1.0
+
+
 class RecipeTrainerMixin:
     """The recipe lifecycle for a ``transformers.Trainer`` (sub)class; see the module docstring.
 
@@ -209,9 +224,7 @@ class RecipeTrainerMixin:
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if self.lr_scheduler is None and self.recipe_runner.has_lr_modifiers:
             # the recipe sets the rate before every optimizer step; this scheduler leaves it alone
-            self.lr_scheduler = torch.optim.lr_scheduler.MultiplicativeLR(
-                optimizer or self.optimizer, lambda _: 1.0
-            )
+            self.lr_scheduler = RecipeLR(optimizer or self.optimizer)
             self._created_lr_scheduler = True
             return self.lr_scheduler
         return super().create_scheduler(num_training_steps, optimizer)
