@@ -40,8 +40,28 @@ TRAIN_PARAGRAPHS = (
     f"with only config, weights and tokenizer, or pass {ALLOW_RESUME_FLAG} to resume on purpose.",
     "Offline defaults (HF_HUB_OFFLINE=1, TRANSFORMERS_OFFLINE=1, HF_DATASETS_OFFLINE=1, "
     "NM_DISABLE_ANALYTICS=1) are set unless already set.",
+    "Without SparseML (the modern environment), or with OBERT_TRAIN_ENGINE=native, the native engine "
+    "trains instead (docs/native.md): text-classification and question-answering, with the stock "
+    "scripts' main flags (--model_name_or_path --recipe --recipe_args --distill_teacher --train_file "
+    "--validation_file --output_dir --num_train_epochs --per_device_train_batch_size --learning_rate "
+    "--max_seq_length --do_train --do_eval --seed ...) and every TrainingArguments flag.",
 )
 TRAIN_HELP = "\n\n".join(TRAIN_PARAGRAPHS)
+
+
+TRAIN_ENGINE_VARIABLE = "OBERT_TRAIN_ENGINE"
+
+
+def train_engine() -> str:
+    """``native`` when ``OBERT_TRAIN_ENGINE=native`` or SparseML is not installed, else ``sparseml``."""
+    import importlib.util
+
+    if os.environ.get(TRAIN_ENGINE_VARIABLE, "").strip().lower() == "native":
+        return "native"
+    try:
+        return "sparseml" if importlib.util.find_spec("sparseml") is not None else "native"
+    except (ImportError, ValueError):
+        return "native"
 
 
 def apply_offline_defaults() -> None:
@@ -145,6 +165,12 @@ def register(app: typer.Typer) -> None:
         if task in (None, "-h", "--help"):
             typer.echo(ctx.get_help())
             raise typer.Exit(0 if task else 2)
+        if train_engine() == "native":
+            apply_offline_defaults()
+            from obert_modifiers.native.train import main
+
+            main(task, list(ctx.args))
+            return
         try:
             args = prepare_train_args(task, list(ctx.args))
         except typer.BadParameter as error:
