@@ -483,6 +483,11 @@ class LayerDrop(NativeModifier):
 
     def update(self, ctx: StepContext) -> None:
         if not self.applied:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                raise RecipeRunError(
+                    f"!{self.tag}: recipe key 'start_epoch' = {self.start_epoch}: under torch.distributed "
+                    "layers can only be dropped before training (start_epoch 0 or -1; DDP holds them)"
+                )
             self._apply(ctx.model, ctx_runner(ctx))
             _forget_dropped_parameters(ctx.model, ctx.optimizer)
 
@@ -555,6 +560,16 @@ class LayerDrop(NativeModifier):
 
     def load_state_dict(self, state: Mapping) -> None:
         super().load_state_dict(state)
+
+
+def _broadcast_quantizers(model: nn.Module) -> None:
+    """Under torch.distributed, rank 0's scales and zero points on every rank once the ranges are
+    frozen (each rank's observers saw other batches), so every rank holds the same model."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    for fake_quant in qat.fake_quantizers(model):
+        for buffer in fake_quant.buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
 
 
 def _trim_layer_types(model: nn.Module, kept: Sequence[int]) -> None:
@@ -638,6 +653,7 @@ class Quantization(NativeModifier):
             self.quantize(ctx.model, ctx_runner(ctx))
         if self._freeze_pending(ctx.epoch):
             qat.freeze_observers(ctx.model)
+            _broadcast_quantizers(ctx.model)
             self.frozen = True
             _LOGGER.info("!%s: observers frozen at epoch %.4g", self.tag, ctx.epoch)
 
