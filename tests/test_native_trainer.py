@@ -349,3 +349,62 @@ def test_resume_from_a_checkpoint_ends_as_the_uninterrupted_run(tmp_path):
     assert final.keys() == again.keys()
     different = [k for k in final if not torch.equal(final[k], again[k])]
     assert different == []
+
+
+CONSTANT = f"""
+modifiers:
+  - !EpochRangeModifier
+    start_epoch: 0.0
+    end_epoch: 2.0
+  - !SetLearningRateModifier
+    learning_rate: 2.0e-3
+    start_epoch: 1.0
+  - !ConstantPruningModifier
+    params: ["{PRUNE_PARAMS}"]
+    start_epoch: 0.0
+"""
+
+
+def test_constant_pruning_keeps_a_sparse_model_sparse_and_set_lr_sets_once(tmp_path):
+    """Sparse transfer: the zeros of a pruned model stay zero (AdamW would move them); the rate is the
+    trainer's until epoch 1, then the recipe's."""
+    model = tiny_model()
+    weights = encoder_weights(model)
+    with torch.no_grad():
+        for weight in weights.values():
+            weight[::2] = 0.0
+    run = trainer(CONSTANT, tmp_path, model=model, learning_rate=1e-3, weight_decay=0.1)
+    run.train()
+    assert sparsity(weights.values()) == pytest.approx(0.5)
+    rates = [rate for _, _, rate in run.recipe_runner.lr_trace]
+    assert rates == [1e-3] * 4 + [2e-3] * 4
+
+
+def test_importance_layer_drop_chooses_on_training_batches(tmp_path):
+    """strategy: importance scores the layers on training batches before the optimizer exists; a layer
+    made an identity (zero output projections) scores 0 and is dropped first."""
+    model = tiny_model(dropout=0.0)
+    with torch.no_grad():
+        for name in ("attention.output.dense", "output.dense"):
+            layer = model.bert.encoder.layer[1].get_submodule(name)
+            layer.weight.zero_(), layer.bias.zero_()
+    recipe = DROP.replace("keep: 2", "keep: 3\n    strategy: importance\n    importance_batches: 2")
+    run = trainer(recipe, tmp_path, model=model)
+    assert run.model.config.obert_layer_map == [0, 2, 3]
+    (drop,) = [m for m in run.recipe_runner.modifiers if m.tag == "LayerDropModifier"]
+    assert drop.params.layers == [1]
+
+
+def test_recipes_the_native_adapter_does_not_run_are_refused_by_name(tmp_path):
+    ziplm = """
+modifiers:
+  - !ZipLMPruningModifier
+    speedup_targets: 1.5
+"""
+    with pytest.raises(
+        RecipeRunError, match=r"'!ZipLMPruningModifier' does not run on the native adapter yet"
+    ):
+        trainer(ziplm, tmp_path)
+    attention = DISTIL.replace("hardness: 1.0", "hardness: 1.0\n    attention_weight: 1.0")
+    with pytest.raises(RecipeRunError, match=r"recipe key 'attention_weight' > 0 is not supported"):
+        trainer(attention, tmp_path, teacher="self")

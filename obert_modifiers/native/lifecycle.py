@@ -528,7 +528,7 @@ class LayerDrop(NativeModifier):
         layer_map = drop.drop_layers(model, kept)
         _trim_layer_types(model, kept)
         dropped = [i for i in range(num_layers) if i not in kept]
-        self.planned.params = p.model_copy(update={"layers": dropped, "num_layers": num_layers})
+        self.planned.params = self.params = p.model_copy(update={"layers": dropped, "num_layers": num_layers})
         self.applied = True
         _LOGGER.info(
             "!%s: dropped layers %s of %d; kept -> original: %s", self.tag, dropped, num_layers, layer_map
