@@ -405,6 +405,24 @@ modifiers:
         RecipeRunError, match=r"'!ZipLMPruningModifier' does not run on the native adapter yet"
     ):
         trainer(ziplm, tmp_path)
-    attention = DISTIL.replace("hardness: 1.0", "hardness: 1.0\n    attention_weight: 1.0")
-    with pytest.raises(RecipeRunError, match=r"recipe key 'attention_weight' > 0 is not supported"):
-        trainer(attention, tmp_path, teacher="self")
+
+
+def test_attention_distillation_reads_the_models_attention_maps(tmp_path):
+    """hardness 0 and attention_weight 1: with the starting model as teacher (no dropout) the first
+    step's attention term is KL(p || p) = 0, so the loss is the task loss of a run without it; with
+    another teacher it is larger. Student and teacher compute attention with obert_qat (eager)."""
+    recipe = DISTIL.replace("hardness: 1.0", "hardness: 0.0\n    attention_weight: 1.0")
+    other = tiny_model(dropout=0.0, seed=5)
+    with torch.no_grad():  # peaked attention maps, far from the student's nearly uniform ones
+        for layer in other.bert.encoder.layer:
+            layer.attention.self.query.weight.mul_(30.0)
+    first = {}
+    for name, teacher in (("self", "self"), ("other", other), ("none", None)):
+        run = trainer(recipe, tmp_path / name, model=tiny_model(dropout=0.0), teacher=teacher, max_steps=1)
+        run.train()
+        first[name] = run.state.log_history[0]["loss"]
+        if teacher is not None:
+            assert run.model.config._attn_implementation == "obert_qat"
+            assert run.teacher.config._attn_implementation == "obert_qat"
+    assert first["self"] == pytest.approx(first["none"], abs=1e-6)
+    assert first["other"] > first["none"] + 0.05

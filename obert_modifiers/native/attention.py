@@ -113,7 +113,15 @@ def quantize_attention(model: nn.Module, exclude: Sequence[str] = ()) -> list[st
 
 
 def use_attention(model: nn.Module) -> None:
-    """Switch ``model`` (and its submodels' configs) to ``obert_qat`` attention."""
+    """Switch ``model`` (and its submodels' configs) to ``obert_qat`` attention (eager attention:
+    it also returns the attention maps, which attention distillation reads)."""
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) == ATTENTION_NAME:
+        return
+    if not attention_modules(model):
+        raise ValueError(
+            f"{type(model).__name__} computes attention without transformers' attention registry: "
+            "attention distillation and attention-matmul QAT do not reach it"
+        )
     register()
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(ATTENTION_NAME)

@@ -686,8 +686,11 @@ class Quantization(NativeModifier):
 
 
 class Distillation(NativeModifier):
-    """``!OBertDistillationModifier``: ``(1 - hardness) * task + hardness * KD`` (+ hidden-state MSE)
-    while ``start_epoch <= epoch < end_epoch``; the teacher is frozen, in eval mode, never saved."""
+    """``!OBertDistillationModifier``: ``(1 - hardness) * task + hardness * KD`` (+ hidden-state MSE,
+    + attention KL) while ``start_epoch <= epoch < end_epoch``; the teacher is frozen, in eval mode,
+    never saved. Attention maps come from the models' ``attentions`` outputs: with
+    ``attention_weight > 0`` student and teacher compute attention with ``obert_qat`` (eager attention,
+    which returns them; ``runner.record_attention``) and are called with ``output_attentions=True``."""
 
     update_frequency = -1.0
 
@@ -708,11 +711,16 @@ class Distillation(NativeModifier):
 
     def bind(self, runner: RecipeRunner) -> None:
         if self.params.attention_weight:
-            raise RecipeRunError(
-                f"!{self.tag}: recipe key 'attention_weight' > 0 is not supported by the native adapter yet "
-                "(transformers 5 computes attention in functions, not modules); use hidden_weight, "
-                "or the SparseML stack"
-            )
+            if runner.record_attention is None:
+                raise RecipeRunError(
+                    f"!{self.tag}: recipe key 'attention_weight' > 0 needs attention maps: run it through "
+                    "RecipeTrainer (it switches the models to attention that returns them)"
+                )
+            runner.record_attention(runner.model)
+
+    @property
+    def wants_attentions(self) -> bool:
+        return bool(self.params.attention_weight)
 
     def loss(
         self,
@@ -734,13 +742,28 @@ class Distillation(NativeModifier):
             hidden = kd.hidden_state_loss(
                 students, teachers, self._projections(students, teachers), attention_mask
             )
+        attention = None
+        if p.attention_weight:
+            students = _attentions(student_outputs)
+            teachers = _attentions(teacher_outputs)
+            if not students or not teachers:
+                raise RecipeRunError(
+                    f"!{self.tag}: recipe key 'attention_weight' > 0, but the models returned no "
+                    "attention maps"
+                )
+            attention = kd.attention_loss(
+                [students[s] for s, _ in self.pairs], [teachers[t] for _, t in self.pairs], attention_mask
+            )
         self.student_hidden.clear()
         self.teacher_hidden.clear()
-        return kd.combine_losses(task_loss, logits, p.hardness, hidden, p.hidden_weight)
+        return kd.combine_losses(
+            task_loss, logits, p.hardness, hidden, p.hidden_weight, attention, p.attention_weight
+        )
 
     def hook(self, student: nn.Module, teacher: nn.Module) -> None:
-        """Forward hooks that keep each encoder layer's output (hidden-state distillation)."""
-        if not self.params.hidden_weight:
+        """The student -> teacher layer pairs, and forward hooks that keep each encoder layer's output
+        (hidden-state distillation)."""
+        if not (self.params.hidden_weight or self.params.attention_weight):
             return
         _, layers = drop.find_encoder_layers(student)
         ids = tuple(id(layer) for layer in layers)
@@ -755,9 +778,10 @@ class Distillation(NativeModifier):
         except ValueError as error:
             raise RecipeRunError(f"!{self.tag}: recipe key 'layer_map': {error}") from None
         self.pairs = list(enumerate(mapping))
-        self.handles = _output_hooks(layers, self.student_hidden, training_only=True)
-        self.handles += _output_hooks(teacher_layers, self.teacher_hidden, training_only=False)
         self.hooked = ids
+        if self.params.hidden_weight:
+            self.handles = _output_hooks(layers, self.student_hidden, training_only=True)
+            self.handles += _output_hooks(teacher_layers, self.teacher_hidden, training_only=False)
 
     def _projections(self, students: list, teachers: list) -> list | None:
         width, target = students[0].size(-1), teachers[0].size(-1)
@@ -778,6 +802,12 @@ class Distillation(NativeModifier):
             defaults = {k: v for k, v in ctx.optimizer.param_groups[0].items() if k != "params"}
             ctx.optimizer.add_param_group({**defaults, "params": list(self.projections.parameters())})
             self.projection_optimizer = ctx.optimizer
+
+
+def _attentions(outputs: Any) -> Sequence[torch.Tensor] | None:
+    if isinstance(outputs, Mapping):
+        return outputs.get("attentions")
+    return getattr(outputs, "attentions", None)
 
 
 def _output_hooks(layers: nn.ModuleList, cache: dict, training_only: bool) -> list:
@@ -827,6 +857,7 @@ class RecipeRunner:
     steps_per_epoch: int = 1
     gradients: GradientSource | None = None
     quantize_attention: Callable[[nn.Module, Sequence[str]], list[str]] | None = None
+    record_attention: Callable[[nn.Module], None] | None = None
     step: int = 0
     lr_trace: list[tuple[int, float, float]] = field(default_factory=list)  # (step, epoch, lr of group 0)
     modifiers: list[NativeModifier] = field(init=False)
@@ -856,6 +887,10 @@ class RecipeRunner:
     @property
     def has_distillation(self) -> bool:
         return bool(self.of_type(Distillation))
+
+    def wants_attentions(self, epoch: float | None) -> bool:
+        """Whether the student must return its attention maps at ``epoch``."""
+        return any(d.wants_attentions and d.active(epoch) for d in self.of_type(Distillation))
 
     # lifecycle ----------------------------------------------------------------------------
     def apply_structure(self) -> None:
@@ -910,8 +945,13 @@ class RecipeRunner:
             if not modifier.active(epoch):
                 continue
             modifier.hook(self.model, teacher)
+            extra = {}
+            if modifier.wants_attentions:
+                if self.record_attention is not None:
+                    self.record_attention(teacher)
+                extra["output_attentions"] = True
             with torch.no_grad():
-                teacher_outputs = teacher(**teacher_inputs)
+                teacher_outputs = teacher(**teacher_inputs, **extra)
             loss = modifier.loss(
                 self, loss, student_outputs, teacher_outputs, teacher_inputs.get("attention_mask")
             )

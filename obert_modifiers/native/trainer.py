@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from obert_modifiers.native.attention import quantize_attention
+from obert_modifiers.native.attention import quantize_attention, use_attention
 from obert_modifiers.native.lifecycle import (
     Distillation,
     GradientSource,
@@ -119,6 +119,15 @@ def _from_pretrained_like(student: nn.Module, folder: Path) -> nn.Module:
     return transformers.AutoModel.from_pretrained(folder)
 
 
+def _record_attention(model: nn.Module) -> None:
+    try:
+        use_attention(model)
+    except ValueError as error:
+        raise RecipeRunError(
+            f"!OBertDistillationModifier: recipe key 'attention_weight' > 0: {error}"
+        ) from None
+
+
 class RecipeLR(torch.optim.lr_scheduler.MultiplicativeLR):
     """SparseML's placeholder scheduler (``MultiplicativeLR(lambda _: 1.0)``: the rate the recipe
     set stays) that reports the rate the optimizer holds, so the trainer logs the rate each step used."""
@@ -169,6 +178,7 @@ class RecipeTrainerMixin:
             self.model,
             gradients=GradientSource(self._recipe_batches, seed=self.args.seed),
             quantize_attention=quantize_attention,
+            record_attention=_record_attention,
         )
         if self.optimizer is not None and any(
             m.start_epoch <= 0 for m in plan.modifiers if m.tag in ("LayerDropModifier",)
@@ -238,7 +248,8 @@ class RecipeTrainerMixin:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        outputs = model(**inputs)
+        extra = {"output_attentions": True} if runner.wants_attentions(epoch) else {}
+        outputs = model(**inputs, **extra)
         task_loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs[0]
         teacher_inputs = {k: v for k, v in inputs.items() if k in self._teacher_columns}
         loss = runner.distillation_loss(task_loss, outputs, self.teacher, teacher_inputs, epoch)
