@@ -9,7 +9,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from obert_modifiers.export.errors import OPSET
+from obert_modifiers.export.errors import OPSET, ExportError
 from obert_modifiers.export.parity import SAMPLE_TEXTS, _input_names
 
 # INT8 forms of a QAT model, fastest on ONNX Runtime first (docs/export.md, docs/results.md):
@@ -38,6 +38,15 @@ def export_onnx_file(
     (:func:`qdq_to_ort_int8`). Every form but ``integer`` has its embedding tables folded."""
     if quantized and int8_format not in INT8_FORMATS:
         raise ValueError(f"int8_format must be one of {', '.join(INT8_FORMATS)}, not {int8_format!r}")
+    if not sparseml_installed():
+        if quantized and int8_format == "integer":
+            raise ExportError(
+                "INT8 format 'integer' is SparseML's MatMulInteger conversion: it needs the SparseML stack "
+                "(make venv); on this stack use ort, ort-u8 or qdq (or auto)"
+            )
+        _export_native(model, tokenizer, onnx_path, sequence_length, opset)
+        _int8_post_process(onnx_path, quantized, int8_format)
+        return
     import torch
     from sparseml.pytorch.utils import export_onnx
 
@@ -62,10 +71,86 @@ def export_onnx_file(
         dynamic_axes=dynamic_axes,
         dynamo=False,
     )
+    _int8_post_process(onnx_path, quantized, int8_format)
+
+
+def _int8_post_process(onnx_path: Path, quantized: bool, int8_format: str) -> None:
     if quantized and int8_format in ("ort", "ort-u8"):
         qdq_to_ort_int8(onnx_path, weights="u8" if int8_format == "ort-u8" else "s8", layout="qdq")
     elif quantized and int8_format == "qdq":
         fold_embedding_qdq(onnx_path)
+
+
+def sparseml_installed() -> bool:
+    """Whether SparseML's exporter is there (the SparseML stack); else the native export runs."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("sparseml") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def int8_formats() -> tuple[str, ...]:
+    """The INT8 forms this stack can write: ``integer`` needs SparseML's conversion."""
+    return INT8_FORMATS if sparseml_installed() else tuple(f for f in INT8_FORMATS if f != "integer")
+
+
+def _export_native(model, tokenizer, onnx_path: Path, sequence_length: int, opset: int) -> None:
+    """The export SparseML's ``export_onnx(convert_qat=False)`` does, without SparseML: a copy of the
+    model with its observers off, TorchScript ``torch.onnx.export`` (not dynamo: single file, IR <= 9,
+    QDQ straight from the fake-quant modules), dynamic batch and sequence axes, the outputs named
+    after the model's output keys, then identity initializers folded and ``(1,)``-shaped
+    quantization parameters flattened to scalars (the graph SparseML's passes leave)."""
+    import copy
+
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    input_names = _input_names(model, tokenizer)
+    encoded = tokenizer(
+        list(SAMPLE_TEXTS[:2]), padding="max_length", truncation=True, max_length=sequence_length,
+        return_tensors="pt",
+    )  # fmt: skip
+    sample = tuple(encoded[name].to(torch.int64) for name in input_names)
+    module = copy.deepcopy(model).cpu().eval()
+    for submodule in module.modules():
+        if hasattr(submodule, "observer_enabled"):
+            submodule.observer_enabled[0] = 0
+    with torch.no_grad():
+        out = module(**dict(zip(input_names, sample, strict=True)))
+    output_names = list(out.keys()) if hasattr(out, "keys") else ["output"]
+    axes = {name: {0: "batch", 1: "sequence"} for name in input_names}
+    axes.update({name: {0: "batch"} for name in output_names})
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        module, sample, str(onnx_path), input_names=input_names, output_names=output_names,
+        dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False,
+    )  # fmt: skip
+    graph = onnx.load(str(onnx_path))
+    initializers = {init.name for init in graph.graph.initializer}
+    identities = [
+        node
+        for node in graph.graph.node
+        if node.op_type == "Identity" and len(node.input) == 1 and node.input[0] in initializers
+    ]
+    for node in identities:
+        for other in graph.graph.node:
+            for i, name in enumerate(other.input):
+                if name == node.output[0]:
+                    other.input[i] = node.input[0]
+        graph.graph.node.remove(node)
+    flatten = set()
+    by_name = {init.name: init for init in graph.graph.initializer}
+    for node in graph.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[1] in by_name:
+            if list(by_name[node.input[1]].dims) == [1]:
+                flatten.update(node.input[1:3])
+    for init in graph.graph.initializer:
+        if init.name in flatten:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).reshape(()), name=init.name))
+    onnx.save(graph, str(onnx_path))
 
 
 def fold_embedding_qdq(onnx_path: Path) -> int:

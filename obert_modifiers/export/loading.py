@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from obert_modifiers.deployment import max_sequence_length
+from obert_modifiers.errors import ObertError
 from obert_modifiers.export.errors import ExportError
 
 # task name -> transformers auto class name; aliases map to these
@@ -200,13 +201,24 @@ def load_model(model_dir: str | os.PathLike, task: str = "text-classification"):
     finally:
         transformers.logging.set_verbosity(verbosity)
 
-    # SparseML's loaders swap BERT/QA attention for its quantizable-matmul version; do the same so
-    # checkpoints trained by SparseML's own QAT modifier load too
-    from sparseml.modifiers.quantization_legacy.modification import modify_model
-
-    model = modify_model(model)
     recipe = model_dir / "recipe.yaml"
-    if recipe.is_file():
+    from obert_modifiers.export.graph import sparseml_installed
+
+    if not sparseml_installed():  # the modern stack: the native engine rebuilds the recipe's structure
+        from obert_modifiers.native.reload import apply_recipe_structure
+
+        if recipe.is_file():
+            try:
+                apply_recipe_structure(model, recipe)
+            except ObertError as error:
+                raise ExportError(f"cannot rebuild the structure of {recipe}: {one_line(error)}") from error
+    else:
+        # SparseML's loaders swap BERT/QA attention for its quantizable-matmul version; do the same so
+        # checkpoints trained by SparseML's own QAT modifier load too
+        from sparseml.modifiers.quantization_legacy.modification import modify_model
+
+        model = modify_model(model)
+    if recipe.is_file() and sparseml_installed():
         from sparseml.pytorch.optim import ScheduledModifierManager
 
         try:

@@ -15,7 +15,7 @@ from typing import Any
 
 from obert_modifiers.deployment import DeploymentManifest, sha256_file, staged_dir
 from obert_modifiers.export.errors import OPSET, ExportError, ExportResult, ParityError
-from obert_modifiers.export.graph import INT8_FORMATS, export_onnx_file
+from obert_modifiers.export.graph import INT8_FORMATS, export_onnx_file, int8_formats
 from obert_modifiers.export.loading import (
     TOKENIZER_FILES,
     _check_model_dir,
@@ -305,7 +305,7 @@ def _export_checked(
 
     chosen, reason = None, ""
     if int8_format == "auto":
-        for form in INT8_FORMATS:
+        for form in int8_formats():
             report = attempt(form)
             if report.passed and exact[INT8_KERNELS[form]]:
                 chosen = form
@@ -322,7 +322,7 @@ def _export_checked(
             passing = [f for f in tried if tried[f]["passed"]]
             if not passing:
                 staged.unlink(missing_ok=True)
-                worst = reports[INT8_FORMATS[-1]]
+                worst = reports[int8_formats()[-1]]
                 raise ParityError(
                     f"ONNX/PyTorch parity check failed for every INT8 form on {onnx_path}: "
                     + "; ".join(f"{f} {_why_not(f, tried[f])}" for f in tried),
@@ -339,7 +339,7 @@ def _export_checked(
         if not report.passed:
             alternative = None
             # the form to suggest: the fastest that passes, on a kernel exact here if one does
-            for form in sorted(INT8_FORMATS, key=lambda f: not exact[INT8_KERNELS[f]]):
+            for form in sorted(int8_formats(), key=lambda f: not exact[INT8_KERNELS[f]]):
                 if form != int8_format and attempt(form).passed:
                     alternative = form
                     break

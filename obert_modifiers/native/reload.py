@@ -21,7 +21,7 @@ from obert_modifiers.native.attention import quantize_attention
 from obert_modifiers.native.lifecycle import RecipeRunError
 from obert_modifiers.native.recipe import RECIPE_NAME, load_recipe
 
-__all__ = ["load_model", "read_weights"]
+__all__ = ["apply_recipe_structure", "load_model", "read_weights"]
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -43,6 +43,30 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def apply_recipe_structure(model: nn.Module, recipe: str | os.PathLike) -> bool:
+    """Re-create on ``model`` (built from a saved config) the modules the recipe added in training:
+    QAT's fake-quantization modules (attention matmuls through the attention registry). Layer drop
+    needs nothing (the config is smaller). Returns whether anything was added."""
+    plan = load_recipe(recipe)
+    unsupported = [m.tag for m in plan.modifiers if m.tag == "ZipLMPruningModifier"]
+    if unsupported:
+        raise RecipeRunError(
+            f"{recipe}: !ZipLMPruningModifier structure is not rebuilt on the native stack yet "
+            "(use the SparseML stack)"
+        )
+    quantization = [m for m in plan.modifiers if m.tag == "OBertQuantizationModifier"]
+    if not quantization:
+        return False
+    params = quantization[-1].params
+    qat.quantize_model(
+        model, weight_strategy=params.weight_strategy, quantize_matmuls=False,
+        quantize_embeddings=params.quantize_embeddings, exclude=params.exclude,
+    )  # fmt: skip
+    if params.quantize_matmuls:
+        quantize_attention(model, params.exclude)
+    return True
+
+
 def load_model(folder: str | os.PathLike, model_class: type | None = None, **kwargs) -> nn.Module:
     """The model saved in ``folder`` with the structure its ``recipe.yaml`` built (QAT modules);
     ``model_class`` defaults to ``AutoModelForSequenceClassification``."""
@@ -51,22 +75,8 @@ def load_model(folder: str | os.PathLike, model_class: type | None = None, **kwa
         from transformers import AutoModelForSequenceClassification as model_class
     model = model_class.from_pretrained(folder, **kwargs)
     recipe = folder / RECIPE_NAME
-    if not recipe.is_file():
+    if not recipe.is_file() or not apply_recipe_structure(model, recipe):
         return model
-    plan = load_recipe(recipe)
-    quantization = [m for m in plan.modifiers if m.tag == "OBertQuantizationModifier"]
-    if not quantization:
-        return model
-    params = quantization[-1].params
-    qat.quantize_model(
-        model,
-        weight_strategy=params.weight_strategy,
-        quantize_matmuls=False,
-        quantize_embeddings=params.quantize_embeddings,
-        exclude=params.exclude,
-    )
-    if params.quantize_matmuls:
-        quantize_attention(model, params.exclude)
     state = read_weights(folder)
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not _tied(model, k)]
