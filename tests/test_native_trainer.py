@@ -395,16 +395,15 @@ def test_importance_layer_drop_chooses_on_training_batches(tmp_path):
     assert drop.params.layers == [1]
 
 
-def test_recipes_the_native_adapter_does_not_run_are_refused_by_name(tmp_path):
+def test_ziplm_on_a_family_it_cannot_shrink_fails_before_training(tmp_path):
     ziplm = """
 modifiers:
   - !ZipLMPruningModifier
     speedup_targets: 1.5
 """
-    with pytest.raises(
-        RecipeRunError, match=r"'!ZipLMPruningModifier' does not run on the native adapter yet"
-    ):
-        trainer(ziplm, tmp_path)
+    message = r"!ZipLMPruningModifier: encoder layer 0 \(TransformerBlock\) is not BERT-like"
+    with pytest.raises(RecipeRunError, match=message):
+        trainer(ziplm, tmp_path, model=tiny_model("distilbert"))
 
 
 def test_attention_distillation_reads_the_models_attention_maps(tmp_path):
@@ -426,3 +425,29 @@ def test_attention_distillation_reads_the_models_attention_maps(tmp_path):
             assert run.teacher.config._attn_implementation == "obert_qat"
     assert first["self"] == pytest.approx(first["none"], abs=1e-6)
     assert first["other"] > first["none"] + 0.05
+
+
+def test_hidden_distillation_with_projections_checkpoints_and_resumes(tmp_path):
+    """A teacher 48 wide for a student 32 wide: learned projections train with their own optimizer,
+    so the trainer's optimizer, scheduler and checkpoints hold the model's parameters only."""
+    torch.manual_seed(1)
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=48, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, num_labels=2,
+    )  # fmt: skip
+    teacher = transformers.BertForSequenceClassification(config)
+    recipe = DISTIL.replace("hardness: 1.0", "hardness: 0.5\n    hidden_weight: 1.0").replace(
+        "end_epoch: 1.0", "end_epoch: 2.0"
+    )
+    run = trainer(recipe, tmp_path / "a", teacher=teacher, save_strategy="steps", save_steps=4)
+    run.train()
+    (kd,) = [m for m in run.recipe_runner.modifiers if m.tag == "OBertDistillationModifier"]
+    assert set(kd.projections) == {"0", "1", "2", "3"}
+    assert len(run.optimizer.param_groups) == 2  # the trainer's two (decay, no decay)
+    trained = kd.projections["0"].weight
+    assert kd.projection_optimizer.state[trained]["step"] == 8  # stepped with every optimizer step
+    saved = torch.load(tmp_path / "a" / "checkpoint-4" / "optimizer.pt", weights_only=False)
+    assert len(saved["param_groups"]) == 2
+    resumed = trainer(recipe, tmp_path / "b", teacher=teacher, save_strategy="steps", save_steps=4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-4"))
+    assert resumed.state.global_step == 8

@@ -85,13 +85,16 @@ class RemovedAttention(nn.Module):
         encoder_attention_mask: Tensor | None = None,
         past_key_value=None,
         output_attentions: bool | None = False,
+        **kwargs,
     ) -> tuple[Tensor, ...]:
         out = self.output
         bias = out.dense.bias
         contribution = out.dropout(bias.expand_as(hidden_states)) if self.training else bias
         attention_output = out.LayerNorm(hidden_states + contribution)
+        batch, seq = hidden_states.shape[:2]
+        if "cache" in kwargs:  # transformers 5's layers pass cache= and unpack (output, weights)
+            return attention_output, hidden_states.new_zeros(batch, 0, seq, seq)
         if output_attentions:
-            batch, seq = hidden_states.shape[:2]
             return attention_output, hidden_states.new_zeros(batch, 0, seq, seq)
         return (attention_output,)
 
@@ -222,7 +225,9 @@ def _prune_heads(model: nn.Module, attention: nn.Module, index: int, kept: list[
     rows = torch.tensor([k * head_size + j for k in kept for j in range(head_size)], dtype=torch.long)
     old = {name: getattr(attention.self, name) for name in ("query", "key", "value")}
     old_out = attention.output.dense
-    if hasattr(model, "prune_heads") and hasattr(model, "config"):
+    if not hasattr(attention, "prune_heads"):  # transformers 5 dropped head pruning: do it here
+        _slice_heads(model, attention, index, kept, remove, rows)
+    elif hasattr(model, "prune_heads") and hasattr(model, "config"):
         model.prune_heads({index: remove})  # records config.pruned_heads
     else:
         attention.prune_heads(remove)
@@ -236,6 +241,25 @@ def _prune_heads(model: nn.Module, attention: nn.Module, index: int, kept: list[
     if old_out.bias is not None:
         slices.append(ParamSlice(old_out.bias, attention.output.dense.bias, None, 0))
     return slices
+
+
+def _slice_heads(model: nn.Module, attention: nn.Module, index: int, kept: list[int], remove: list[int],
+                 rows: Tensor) -> None:
+    """What transformers 4's ``prune_heads`` did: keep the rows of Q/K/V and the input columns of the
+    output projection of the kept heads, lower the head counts, and record the removed (original)
+    heads in ``attention.pruned_heads`` and ``config.pruned_heads``."""
+    self_attention = attention.self
+    for name in ("query", "key", "value"):
+        setattr(self_attention, name, _slice_linear(getattr(self_attention, name), rows, 0))
+    attention.output.dense = _slice_linear(attention.output.dense, rows, 1)
+    self_attention.num_attention_heads = len(kept)
+    self_attention.all_head_size = len(kept) * self_attention.attention_head_size
+    attention.pruned_heads = set(getattr(attention, "pruned_heads", set())) | set(remove)
+    config = getattr(model, "config", None)
+    if config is not None:
+        recorded = {int(k): list(v) for k, v in (getattr(config, "pruned_heads", None) or {}).items()}
+        recorded[index] = sorted(set(recorded.get(index, [])) | set(remove))
+        config.pruned_heads = recorded
 
 
 def _record(model: nn.Module) -> None:
@@ -347,6 +371,11 @@ def apply_structure(model: nn.Module, structure: Mapping | None = None) -> bool:
     ffn_keep: dict[int, list[int]] = {}
     for index, layer in enumerate(layers):
         want_heads, have_heads = int(structure["heads"][index]), layer_heads(layer)
+        if want_heads < have_heads and not hasattr(layer.attention, "prune_heads"):
+            # transformers 5 builds every head (no pruned_heads support): cut to the recorded count;
+            # the values are placeholders until the state dict loads, as for the FFN widths
+            heads_keep[index] = list(range(want_heads))
+            have_heads = want_heads
         if want_heads != have_heads:
             raise ShrinkError(
                 f"layer {index} has {have_heads} heads but {STRUCTURE_KEY} records {want_heads}: "

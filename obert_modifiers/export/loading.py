@@ -171,6 +171,12 @@ def _read_state_dict(model_dir: Path) -> tuple[dict[str, Any], list[Path]]:
 
 
 
+def _native_stack() -> bool:
+    from obert_modifiers.export.graph import sparseml_installed
+
+    return not sparseml_installed()
+
+
 def load_model(model_dir: str | os.PathLike, task: str = "text-classification"):
     """Build the model in ``model_dir`` with its recipe structure and every saved weight.
 
@@ -193,7 +199,16 @@ def load_model(model_dir: str | os.PathLike, task: str = "text-classification"):
         except Exception as error:
             raise ExportError(f"cannot load a tokenizer from {model_dir}: {one_line(error)}") from error
         try:
-            model = auto_class.from_pretrained(str(model_dir), attn_implementation="eager")
+            if _native_stack():  # the modern stack: the recipe's structure (ZipLM shapes, QAT) comes first
+                from obert_modifiers.native.reload import load_model as native_load_model
+
+                model = native_load_model(model_dir, auto_class)
+                if getattr(model.config, "_attn_implementation", None) == "sdpa":
+                    model.set_attn_implementation("eager")
+            else:
+                model = auto_class.from_pretrained(str(model_dir), attn_implementation="eager")
+        except ObertError as error:
+            raise ExportError(f"cannot load {model_dir}: {one_line(error)}") from error
         except Exception as error:
             raise ExportError(
                 f"cannot load {model_dir} as {TASKS[task]} ({task}): {one_line(error)}"
@@ -202,23 +217,13 @@ def load_model(model_dir: str | os.PathLike, task: str = "text-classification"):
         transformers.logging.set_verbosity(verbosity)
 
     recipe = model_dir / "recipe.yaml"
-    from obert_modifiers.export.graph import sparseml_installed
-
-    if not sparseml_installed():  # the modern stack: the native engine rebuilds the recipe's structure
-        from obert_modifiers.native.reload import apply_recipe_structure
-
-        if recipe.is_file():
-            try:
-                apply_recipe_structure(model, recipe)
-            except ObertError as error:
-                raise ExportError(f"cannot rebuild the structure of {recipe}: {one_line(error)}") from error
-    else:
+    if not _native_stack():
         # SparseML's loaders swap BERT/QA attention for its quantizable-matmul version; do the same so
         # checkpoints trained by SparseML's own QAT modifier load too
         from sparseml.modifiers.quantization_legacy.modification import modify_model
 
         model = modify_model(model)
-    if recipe.is_file() and sparseml_installed():
+    if recipe.is_file() and not _native_stack():
         from sparseml.pytorch.optim import ScheduledModifierManager
 
         try:

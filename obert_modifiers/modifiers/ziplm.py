@@ -48,7 +48,6 @@ where SparseML's reload (which reloads only when parameter *names* change) keeps
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -61,8 +60,16 @@ from sparseml.pytorch.sparsification.modifier import PyTorchModifierYAML, Schedu
 from sparseml.sparsification import SparsificationTypes
 from torch import nn
 
-from obert_modifiers.algorithms import latency_search, shrink
+from obert_modifiers.algorithms import latency_search, shrink, ziplm
 from obert_modifiers.algorithms import structured_obs as sobs
+from obert_modifiers.algorithms.ziplm import (  # noqa: F401 - re-exported: they lived here
+    _Block,
+    _block,
+    _single_thread,
+    family_dir_name,
+    move_optimizer_state,
+    prediction,
+)
 from obert_modifiers.modifiers._base import recipe_properties, store_recipe
 from obert_modifiers.params import ZipLMPruningParams, validate_recipe
 
@@ -71,11 +78,6 @@ __all__ = ["ZipLMPruningModifier", "ZIPLM_KEY", "move_optimizer_state", "family_
 _LOGGER = logging.getLogger(__name__)
 _NAME = "ZipLMPruningModifier"
 ZIPLM_KEY = "obert_ziplm"  # config key: the last step's target, prediction and latency key
-
-
-def family_dir_name(target: float) -> str:
-    """``ziplm-2x``, ``ziplm-2.5x``: the folder of the family member pruned to ``target``."""
-    return f"ziplm-{target:g}x"
 
 
 @PyTorchModifierYAML()
@@ -220,26 +222,7 @@ class ZipLMPruningModifier(ScheduledUpdateModifier):
         choice = latency_search.search_structure(
             table, [db.errors for db in attention], [db.errors for db in ffn], target
         )
-        heads_keep, ffn_keep, attention_weights, ffn_weights = {}, {}, {}, {}
-        for index, (att, kept) in enumerate(zip(attention, choice.heads, strict=True)):
-            if kept < att.current:
-                level = att.current - kept
-                heads_keep[index] = att.db.kept_groups(level)
-                if kept:
-                    attention_weights[index] = att.db.weight(level)
-        for index, (ff, kept) in enumerate(zip(ffn, choice.ffn, strict=True)):
-            if kept < ff.current:
-                level = ff.current - kept
-                ffn_keep[index] = ff.db.kept_groups(level)
-                if kept:
-                    ffn_weights[index] = ff.db.weight(level)
-        slices = shrink.shrink_model(
-            module,
-            heads_keep,
-            ffn_keep,
-            attention_weights=attention_weights,
-            ffn_weights=ffn_weights,
-        )
+        slices = ziplm.apply_choice(module, attention, ffn, choice)
         move_optimizer_state(optimizer, slices)
         self._record(module, target, choice, table)
         self._log_step(choice, target, epoch, steps_per_epoch)
@@ -260,56 +243,12 @@ class ZipLMPruningModifier(ScheduledUpdateModifier):
             if seen >= self._num_calibration_samples:
                 return
 
-    @torch.no_grad()
     def _calibrate(self, module: nn.Module, layers, step: int) -> dict[str, sobs.InputHessian]:
-        from tqdm.auto import tqdm
-
-        linears = {}
-        for index, layer in enumerate(layers):
-            if shrink.layer_heads(layer):
-                linears[f"{index}.attention"] = layer.attention.output.dense
-            if shrink.layer_ffn(layer):
-                linears[f"{index}.ffn"] = layer.output.dense
-        current: dict[str, Any] = {}
-        total = self._num_calibration_samples
-        with (
-            sobs.input_hessians(linears, mask=lambda: current.get("mask")) as hessians,
-            tqdm(total=total, desc=f"ZipLM step {step + 1}: calibration", unit="seq", leave=False) as bar,
-        ):
-            for batch in self._calibration_batches(step):
-                current["mask"] = batch.get("attention_mask")
-                module(**batch)
-                bar.update(min(len(current["mask"]) if current["mask"] is not None else 1, total - bar.n))
-        empty = [name for name, h in hessians.items() if h.count == 0]
-        if empty:
-            raise RuntimeError(f"!{_NAME}: calibration saw no tokens at {empty[:3]} (empty training data?)")
-        for hessian in hessians.values():
-            hessian.all_reduce()
-        return hessians
+        batches = self._calibration_batches(step)
+        return ziplm.calibrate(module, layers, batches, self._num_calibration_samples, step)
 
     def _databases(self, layers, hessians, table) -> tuple[list, list]:
-        from tqdm.auto import tqdm
-
-        allowed = set(self._structures)
-        attention, ffn = [], []
-        with tqdm(total=2 * len(layers), desc="ZipLM: OBS databases", unit="block", leave=False) as bar:
-            for index, layer in enumerate(layers):
-                heads = shrink.layer_heads(layer)
-                kept = set(range(1, heads + 1)) if "heads" in allowed else {heads}
-                if "attention_blocks" in allowed:
-                    kept.add(0)
-                kept.add(heads)
-                linear = layer.attention.output.dense if heads else None
-                hessian = hessians.get(f"{index}.attention")
-                attention.append(_block(linear, hessian, heads, kept, table.key.head_size, self._damp, 1))
-                bar.update()
-                width = shrink.layer_ffn(layer)
-                grid = {n for n in table.ffn if 0 < n < width} if "ffn_neurons" in allowed else set()
-                kept = grid | {width} | ({0} if "ffn_blocks" in allowed else set())
-                linear, hessian = (layer.output.dense if width else None), hessians.get(f"{index}.ffn")
-                ffn.append(_block(linear, hessian, width, kept, 1, self._damp, self._ffn_chunk))
-                bar.update()
-        return attention, ffn
+        return ziplm.databases(layers, hessians, table, self._structures, self._damp, self._ffn_chunk)
 
     def _record(self, module: nn.Module, target: float, choice, table) -> None:
         structure = shrink.read_structure(module)
@@ -393,74 +332,3 @@ class ZipLMPruningModifier(ScheduledUpdateModifier):
     @property
     def last_choice(self) -> latency_search.StructureChoice | None:
         return self._last_choice
-
-
-class _Block:
-    """One block's database: ``errors`` by kept count (relative to the block's output energy)."""
-
-    def __init__(self, db: sobs.OBSDatabase | None, current: int, errors: dict[int, float]) -> None:
-        self.db, self.current, self.errors = db, current, errors
-
-
-def _block(linear, hessian, current: int, kept: set[int], group: int, damp: float, chunk: int) -> _Block:
-    if current == 0 or linear is None:
-        return _Block(None, 0, {0: 0.0})
-    kept = {k for k in kept if 0 <= k <= current}
-    levels = sorted(current - k for k in kept)
-    db = sobs.structured_obs(linear.weight.detach().float(), hessian.hessian.float(), group, levels,
-                             rel_damp=damp, chunk=chunk)
-    return _Block(db, current, db.by_kept(relative=True))
-
-
-def prediction(choice, table, target: float) -> dict:
-    """What the config (and export.json / the model card) record about a step's latency prediction."""
-    return {
-        "target_speedup": float(target),
-        "predicted_speedup": round(float(choice.speedup), 4),
-        "predicted_latency": round(float(choice.predicted), 6),
-        "dense_latency": round(float(choice.dense), 6),
-        "unit": table.unit,
-        "latency_key": table.key.to_dict(),
-    }
-
-
-@contextlib.contextmanager
-def _single_thread():
-    """The OBS loops run single-threaded: on a shared machine 2 threads were many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@torch.no_grad()
-def move_optimizer_state(optimizer, slices: list[shrink.ParamSlice]) -> None:
-    """Put the shrunk parameters in the optimizer in place of the old ones, with their state (e.g. Adam's
-    moments) sliced the same way; state that is not shaped like the parameter (``step``) is kept."""
-    if optimizer is None or not slices or not hasattr(optimizer, "param_groups"):
-        return
-    by_old = {id(s.old): s for s in slices}
-    # a parameter replaced twice in one shrink (heads, then its new weight set) maps to the last one
-    state = optimizer.state
-    for group in optimizer.param_groups:
-        params = []
-        for param in group["params"]:
-            piece = by_old.get(id(param))
-            if piece is None:
-                params.append(param)
-                continue
-            params.append(piece.new)
-            old_state = state.pop(param, None)
-            if old_state:
-                state[piece.new] = {name: _slice_state(value, piece) for name, value in old_state.items()}
-        group["params"] = params
-
-
-def _slice_state(value: Any, piece: shrink.ParamSlice) -> Any:
-    if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(piece.old.shape):
-        return value
-    if piece.index is None:
-        return value.clone()
-    return value.index_select(piece.dim, piece.index.to(value.device)).contiguous()

@@ -30,7 +30,7 @@ import copy
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,11 +121,15 @@ class GradientSource:
 
 @dataclass
 class StepContext:
+    """What a modifier gets at an optimizer step (SparseML's ``update(module, optimizer, epoch,
+    steps_per_epoch)``), plus the runner for the data and the transformers hooks it holds."""
+
     model: nn.Module
     optimizer: torch.optim.Optimizer | None
     epoch: float
     step: int
     steps_per_epoch: int
+    runner: RecipeRunner
 
 
 def _rank() -> int:
@@ -359,7 +363,7 @@ class OBertPruning(_Masked):
         self.ended = self.pruning_ended
 
     def update(self, ctx: StepContext) -> None:
-        runner = ctx_runner(ctx)
+        runner = ctx.runner
         if not self.masks:
             self.masks = [torch.ones_like(w, dtype=torch.bool) for w in self.weights]
         target = self.schedule.target(ctx.epoch)
@@ -488,7 +492,7 @@ class LayerDrop(NativeModifier):
                     f"!{self.tag}: recipe key 'start_epoch' = {self.start_epoch}: under torch.distributed "
                     "layers can only be dropped before training (start_epoch 0 or -1; DDP holds them)"
                 )
-            self._apply(ctx.model, ctx_runner(ctx))
+            self._apply(ctx.model, ctx.runner)
             _forget_dropped_parameters(ctx.model, ctx.optimizer)
 
     def _apply(self, model: nn.Module, runner: RecipeRunner) -> None:
@@ -650,7 +654,7 @@ class Quantization(NativeModifier):
 
     def update(self, ctx: StepContext) -> None:
         if not self.applied and (self.start_epoch == -1 or ctx.epoch >= self.start_epoch):
-            self.quantize(ctx.model, ctx_runner(ctx))
+            self.quantize(ctx.model, ctx.runner)
         if self._freeze_pending(ctx.epoch):
             qat.freeze_observers(ctx.model)
             _broadcast_quantizers(ctx.model)
@@ -794,14 +798,21 @@ class Distillation(NativeModifier):
         return [self.projections[str(s)] for s, _ in self.pairs]
 
     def pre_step(self, ctx: StepContext) -> None:
-        if (
-            self.projections is not None
-            and ctx.optimizer is not None
-            and self.projection_optimizer is not ctx.optimizer
-        ):
-            defaults = {k: v for k, v in ctx.optimizer.param_groups[0].items() if k != "params"}
-            ctx.optimizer.add_param_group({**defaults, "params": list(self.projections.parameters())})
-            self.projection_optimizer = ctx.optimizer
+        """Learned projections train with an optimizer of their own (AdamW at the model's current
+        rate): adding them to the trainer's optimizer would break its scheduler (one rate per group)
+        and the checkpoint's optimizer state. They are not saved in checkpoints."""
+        if self.projections is None or ctx.optimizer is None:
+            return
+        rate = ctx.optimizer.param_groups[0]["lr"]
+        if self.projection_optimizer is None:
+            self.projection_optimizer = torch.optim.AdamW(self.projections.parameters(), lr=rate)
+        for group in self.projection_optimizer.param_groups:
+            group["lr"] = rate
+
+    def post_step(self, ctx: StepContext) -> None:
+        if self.projection_optimizer is not None:
+            self.projection_optimizer.step()
+            self.projection_optimizer.zero_grad(set_to_none=True)
 
 
 def _attentions(outputs: Any) -> Sequence[torch.Tensor] | None:
@@ -823,6 +834,116 @@ def _output_hooks(layers: nn.ModuleList, cache: dict, training_only: bool) -> li
     return handles
 
 
+class ZipLMPruning(NativeModifier):
+    """``!ZipLMPruningModifier``: structured OBS steps at ``start_epoch + k * update_frequency`` (the
+    SparseML adapter's schedule), each on calibration batches drawn with seed ``seed + k`` under a
+    forked RNG (training's RNG is left alone): input Hessians, OBS databases, the latency search for
+    the step's speed-up target, the physical shrink, the optimizer's state moved onto the shrunk
+    parameters (:mod:`obert_modifiers.algorithms.ziplm`). The structure is recorded in the plan
+    (``structure``, ``steps_done``) and the model config, as the SparseML adapter records it."""
+
+    def __init__(self, planned: PlannedModifier):
+        super().__init__(planned)
+        self.targets = self.params.step_targets
+        self.steps_done = self.params.steps_done
+        self.table = None
+        self.history: list[dict] = []
+
+    def bind(self, runner: RecipeRunner) -> None:
+        from obert_modifiers.algorithms import shrink
+
+        if self.steps_done < len(self.targets):  # fail before training, not at the step
+            try:
+                shrink.encoder_layers(runner.model)
+            except shrink.ShrinkError as error:
+                raise RecipeRunError(f"!{self.tag}: {error}") from None
+
+    def update_ready(self, epoch: float) -> bool:
+        if self.steps_done >= len(self.targets):
+            return False
+        return epoch >= self.params.start_epoch + self.steps_done * self.params.update_frequency - 1e-9
+
+    def scheduled_update(self, ctx: StepContext) -> None:
+        self.update(ctx)
+        self.started = True
+        self.ended = self.steps_done >= len(self.targets)
+
+    def update(self, ctx: StepContext) -> None:
+        if len(self.params.speedup_targets) > 1 and self.steps_done:
+            _LOGGER.warning(
+                "!%s: the native adapter does not save family members; only the last model", self.tag
+            )
+        with torch.random.fork_rng():
+            torch.manual_seed(self.params.seed + self.steps_done)
+            self._step(ctx)
+
+    def _step(self, ctx: StepContext) -> None:
+        from obert_modifiers.algorithms import latency_search, shrink, ziplm
+        from obert_modifiers.latency import latency_table
+
+        p, model, runner = self.params, ctx.model, ctx.runner
+        if runner.gradients is None:
+            raise RecipeRunError(f"!{self.tag} needs calibration data: give the trainer a train_dataset")
+        step, target = self.steps_done, self.targets[self.steps_done]
+        try:
+            layers = shrink.encoder_layers(model)
+        except shrink.ShrinkError as error:
+            raise RecipeRunError(f"!{self.tag}: {error}") from None
+        if self.table is None:
+            self.table = latency_table(
+                model.config, runtime=p.latency_runtime, threads=p.latency_threads,
+                batch_size=p.latency_batch_size, sequence_length=p.latency_sequence_length,
+                precision=p.latency_precision, cache_dir=p.latency_cache_dir, progress=False,
+            )  # fmt: skip
+        was_training = model.training
+        model.eval()
+        try:
+            hessians = ziplm.calibrate(
+                model, layers, self._batches(runner, step), p.num_calibration_samples, step
+            )
+            with ziplm._single_thread():
+                attention, ffn = ziplm.databases(
+                    layers, hessians, self.table, p.structures, p.damp, p.ffn_chunk
+                )
+        finally:
+            model.train(was_training)
+        choice = latency_search.search_structure(
+            self.table, [db.errors for db in attention], [db.errors for db in ffn], target
+        )
+        slices = ziplm.apply_choice(model, attention, ffn, choice)
+        ziplm.move_optimizer_state(ctx.optimizer, slices)
+        self.steps_done += 1
+        structure = shrink.read_structure(model)
+        model.config.update({"obert_ziplm": ziplm.prediction(choice, self.table, target)})
+        self.planned.params = self.params = p.model_copy(
+            update={"structure": structure, "steps_done": self.steps_done}
+        )
+        record = {"epoch": ctx.epoch, "step": ctx.step, "target": target, "predicted": choice.speedup}
+        self.history.append({**record, "structure": structure})
+        _LOGGER.info("!%s step %d: target %gx, predicted %.3gx; heads %s, FFN %s", self.tag, self.steps_done,
+                     target, choice.speedup, structure["heads"], structure["ffn"])  # fmt: skip
+
+    def _batches(self, runner: RecipeRunner, step: int) -> Iterator[dict]:
+        source = runner.gradients
+        stream = source.batches(
+            self.params.calibration_batch_size, torch.Generator().manual_seed(self.params.seed + step)
+        )
+        seen = 0
+        while seen < self.params.num_calibration_samples:
+            batch = {k: v for k, v in next(stream).items() if k != "labels"}
+            yield batch
+            seen += len(next(iter(batch.values())))
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "steps_done": self.steps_done, "structure": self.params.structure,
+                "history": list(self.history)}  # fmt: skip
+
+    def load_state_dict(self, state: Mapping) -> None:
+        super().load_state_dict(state)
+        self.steps_done = int(state.get("steps_done", 0))
+        self.history = list(state.get("history", []))
+
+
 MODIFIERS: dict[str, type[NativeModifier]] = {
     "EpochRangeModifier": EpochRange,
     "LearningRateFunctionModifier": LearningRateFunction,
@@ -832,11 +953,8 @@ MODIFIERS: dict[str, type[NativeModifier]] = {
     "LayerDropModifier": LayerDrop,
     "OBertQuantizationModifier": Quantization,
     "OBertDistillationModifier": Distillation,
+    "ZipLMPruningModifier": ZipLMPruning,
 }
-
-
-def ctx_runner(ctx: StepContext) -> RecipeRunner:
-    return ctx.runner  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------------------------
@@ -888,6 +1006,12 @@ class RecipeRunner:
     def has_distillation(self) -> bool:
         return bool(self.of_type(Distillation))
 
+    def prepare_distillation(self, teacher: nn.Module) -> None:
+        """Pair layers and attach the hidden-state hooks before training, so the first step's
+        forward pass is already recorded."""
+        for modifier in self.of_type(Distillation):
+            modifier.hook(self.model, teacher)
+
     def wants_attentions(self, epoch: float | None) -> bool:
         """Whether the student must return its attention maps at ``epoch``."""
         return any(d.wants_attentions and d.active(epoch) for d in self.of_type(Distillation))
@@ -908,16 +1032,14 @@ class RecipeRunner:
             modifier.bind(self)
 
     def _context(self, optimizer) -> StepContext:
-        ctx = StepContext(self.model, optimizer, self.epoch, self.step, self.steps_per_epoch)
-        ctx.runner = self  # type: ignore[attr-defined]
-        return ctx
+        return StepContext(self.model, optimizer, self.epoch, self.step, self.steps_per_epoch, self)
 
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None) -> None:
         ctx = self._context(optimizer)
         for modifier in self.modifiers:
             if modifier.update_ready(ctx.epoch):
                 modifier.scheduled_update(ctx)
-                if isinstance(modifier, LayerDrop | Quantization):
+                if isinstance(modifier, LayerDrop | Quantization | ZipLMPruning):
                     self.bind()
         for modifier in self.modifiers:
             modifier.pre_step(ctx)
@@ -978,6 +1100,11 @@ class RecipeRunner:
         for modifier, saved in zip(self.modifiers, state.get("modifiers", []), strict=False):
             if isinstance(modifier, Quantization) and saved.get("applied"):
                 modifier.quantize(self.model, self)
+            if isinstance(modifier, ZipLMPruning) and saved.get("structure"):
+                from obert_modifiers.algorithms import shrink
+
+                shrink.apply_structure(self.model, saved["structure"])
+                modifier.steps_done = int(saved.get("steps_done", 0))
             if isinstance(modifier, LayerDrop) and saved.get("applied") and not modifier.applied:
                 modifier.planned.params = modifier.params.model_copy(
                     update={"layers": saved["layers"], "num_layers": saved["num_layers"]}
@@ -1005,8 +1132,3 @@ def deep_copy_model(model: nn.Module) -> nn.Module:
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
-
-
-def iterate_forever(make: Callable[[], Iterable]) -> Iterator:
-    while True:
-        yield from make()

@@ -48,15 +48,18 @@ def apply_recipe_structure(model: nn.Module, recipe: str | os.PathLike) -> bool:
     QAT's fake-quantization modules (attention matmuls through the attention registry). Layer drop
     needs nothing (the config is smaller). Returns whether anything was added."""
     plan = load_recipe(recipe)
-    unsupported = [m.tag for m in plan.modifiers if m.tag == "ZipLMPruningModifier"]
-    if unsupported:
-        raise RecipeRunError(
-            f"{recipe}: !ZipLMPruningModifier structure is not rebuilt on the native stack yet "
-            "(use the SparseML stack)"
-        )
+    ziplm = [m for m in plan.modifiers if m.tag == "ZipLMPruningModifier" and m.params.structure]
+    changed = False
+    if ziplm:
+        from obert_modifiers.algorithms import shrink
+
+        try:
+            changed = shrink.apply_structure(model, ziplm[-1].params.structure)
+        except shrink.ShrinkError as error:
+            raise RecipeRunError(f"{recipe}: !ZipLMPruningModifier recipe key 'structure': {error}") from None
     quantization = [m for m in plan.modifiers if m.tag == "OBertQuantizationModifier"]
     if not quantization:
-        return False
+        return changed
     params = quantization[-1].params
     qat.quantize_model(
         model, weight_strategy=params.weight_strategy, quantize_matmuls=False,
@@ -68,15 +71,28 @@ def apply_recipe_structure(model: nn.Module, recipe: str | os.PathLike) -> bool:
 
 
 def load_model(folder: str | os.PathLike, model_class: type | None = None, **kwargs) -> nn.Module:
-    """The model saved in ``folder`` with the structure its ``recipe.yaml`` built (QAT modules);
-    ``model_class`` defaults to ``AutoModelForSequenceClassification``."""
+    """The model saved in ``folder`` with the structure its ``recipe.yaml`` built: ZipLM's shrunk
+    shapes (``obert_structure`` in the config) and QAT modules; ``model_class`` defaults to
+    ``AutoModelForSequenceClassification``; ``kwargs`` go to ``from_pretrained`` (``config=``)."""
     folder = Path(folder)
     if model_class is None:
         from transformers import AutoModelForSequenceClassification as model_class
-    model = model_class.from_pretrained(folder, **kwargs)
     recipe = folder / RECIPE_NAME
-    if not recipe.is_file() or not apply_recipe_structure(model, recipe):
-        return model
+    config = kwargs.pop("config", None)
+    if config is None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(folder)
+    if not recipe.is_file() and getattr(config, "obert_structure", None) is None:
+        return model_class.from_pretrained(folder, config=config, **kwargs)
+    # built from the config, given the recipe's structure, then every weight of the file loaded
+    model = model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
+    if getattr(config, "obert_structure", None) is not None:
+        from obert_modifiers.algorithms import shrink
+
+        shrink.apply_structure(model)
+    if recipe.is_file():
+        apply_recipe_structure(model, recipe)
     state = read_weights(folder)
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not _tied(model, k)]
@@ -85,6 +101,8 @@ def load_model(folder: str | os.PathLike, model_class: type | None = None, **kwa
             f"{folder}: the weights do not fit the structure of {RECIPE_NAME} (missing {missing[:3]}, "
             f"unexpected {result.unexpected_keys[:3]})"
         )
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
     return model.eval()
 
 

@@ -197,6 +197,7 @@ class RecipeTrainerMixin:
             else:
                 self.teacher.to(self.args.device)
                 self._teacher_columns = set(inspect.signature(self.teacher.forward).parameters)
+                self.recipe_runner.prepare_distillation(self.teacher)
         self.add_callback(RecipeCallback(self.recipe_runner))
 
     # lifecycle ---------------------------------------------------------------------------------
