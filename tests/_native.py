@@ -120,13 +120,16 @@ def training_args(out: Path, **overrides):
     return TrainingArguments(**values)
 
 
-def trainer(recipe, out: Path, model=None, data=None, recipe_args=None, teacher=None, **args):
+def trainer(
+    recipe, out: Path, model=None, data=None, recipe_args=None, teacher=None, model_recipe=None, **args
+):
     from obert_modifiers.native import RecipeTrainer
 
     return RecipeTrainer(
         recipe=recipe,
         recipe_args=recipe_args,
         teacher=teacher,
+        model_recipe=model_recipe,
         model=model if model is not None else tiny_model(),
         args=training_args(out, **args),
         train_dataset=data if data is not None else TinyData(32),

@@ -451,3 +451,29 @@ def test_hidden_distillation_with_projections_checkpoints_and_resumes(tmp_path):
     resumed = trainer(recipe, tmp_path / "b", teacher=teacher, save_strategy="steps", save_steps=4)
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-4"))
     assert resumed.state.global_step == 8
+
+
+def test_training_again_from_a_saved_folder_composes_the_recipes(tmp_path):
+    """QAT first, then pruning from the saved QAT folder: the second folder's recipe.yaml holds both
+    stages (the new one's epochs after the first's, as SparseML's compose_staged writes them) and
+    reloads with the QAT structure."""
+    first = trainer(QAT.replace("start_epoch: 1.0", "start_epoch: 0.0"), tmp_path / "a")
+    first.train()
+    first.save_model(tmp_path / "qat")
+    model = load_model(tmp_path / "qat", transformers.BertForSequenceClassification)
+    second = trainer(PRUNE, tmp_path / "b", model=model, model_recipe=tmp_path / "qat" / "recipe.yaml")
+    second.train()
+    second.save_model(tmp_path / "pruned")
+    plan = load_recipe(tmp_path / "pruned" / "recipe.yaml")
+    assert list(plan.stages) == ["stage_0", "stage_1"]
+    (pruning,) = [m for m in plan.modifiers if m.tag == "OBertPruningModifier"]
+    assert (pruning.start_epoch, pruning.end_epoch) == (
+        1.0 + 3,
+        3.0 + 3,
+    )  # moved past the QAT recipe's 3 epochs
+    reloaded = load_model(tmp_path / "pruned")
+    data = TinyData(8, seed=3)
+    batch = {"input_ids": data.ids, "attention_mask": data.mask}
+    second.model.eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, second.model(**batch).logits)

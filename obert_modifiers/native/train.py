@@ -238,10 +238,12 @@ def main(task: str, args: Sequence[str]) -> dict:
     if recipe_args.recipe:
         from obert_modifiers.native.trainer import RecipeTrainer
 
+        saved = Path(source) / "recipe.yaml"
         trainer = RecipeTrainer(
             recipe=recipe_args.recipe,
             recipe_args=recipe_args.recipe_args,
             teacher=recipe_args.distill_teacher,
+            model_recipe=saved if saved.is_file() else None,
             **kwargs,
         )
     else:

@@ -54,7 +54,7 @@ from obert_modifiers.native.lifecycle import (
     deep_copy_model,
     sparseml_steps_per_epoch,
 )
-from obert_modifiers.native.recipe import RecipePlan, load_recipe
+from obert_modifiers.native.recipe import RecipePlan, compose, load_recipe
 
 __all__ = ["STATE_NAME", "RecipeCallback", "RecipeTrainer", "RecipeTrainerMixin", "load_teacher"]
 
@@ -149,6 +149,10 @@ class RecipeTrainerMixin:
     :param recipe: a recipe file (``.yaml``, ``.md``), YAML text or a :class:`RecipePlan`
     :param recipe_args: variables overridden (a dict, JSON or ``k=v,k2=v2``), as ``--recipe_args``
     :param teacher: the distillation teacher (:func:`load_teacher`)
+    :param model_recipe: the recipe saved with the model this run starts from (its ``recipe.yaml``,
+        whose structure :func:`~obert_modifiers.native.reload.load_model` rebuilt): the saved
+        ``recipe.yaml`` is then both recipes composed as SparseML's trainer composes them
+        (``compose_staged``), so the new folder reloads with every stage's structure
     """
 
     def __init__(
@@ -157,9 +161,13 @@ class RecipeTrainerMixin:
         recipe: str | os.PathLike | RecipePlan,
         recipe_args: str | Mapping[str, Any] | None = None,
         teacher: nn.Module | str | os.PathLike | None = None,
+        model_recipe: str | os.PathLike | RecipePlan | None = None,
         **kwargs: Any,
     ):
         plan = recipe if isinstance(recipe, RecipePlan) else load_recipe(recipe, recipe_args)
+        if model_recipe is not None and not isinstance(model_recipe, RecipePlan):
+            model_recipe = load_recipe(model_recipe)
+        self.model_recipe = model_recipe
         model = kwargs.get("model", args[0] if args else None)
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if model is None or training_args is None:
@@ -259,7 +267,8 @@ class RecipeTrainerMixin:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
-            self.recipe_plan.save(output_dir or self.args.output_dir)
+            plan = compose(self.model_recipe, self.recipe_plan) if self.model_recipe else self.recipe_plan
+            plan.save(output_dir or self.args.output_dir)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
