@@ -197,3 +197,29 @@ def test_same_saved_model(traces):
     assert ours.keys() == theirs.keys()  # same layout, QAT modules included: a folder reloads on either stack
     worst = max(float((ours[k].float() - theirs[k].float()).abs().max()) for k in ours)
     assert worst < 1e-3
+
+
+def test_deepsparse_runs_the_modern_stacks_export(traces, tmp_path):
+    """The native run's folder exported on the modern stack (``obert export`` in .venv-modern: opset 14,
+    IR 7, an ORT INT8 form) runs in DeepSparse 1.8 (this venv) with ONNX Runtime's outputs."""
+    deepsparse = pytest.importorskip("deepsparse")
+    import numpy as np
+    import onnxruntime
+
+    _, _, root = traces
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run(
+        [str(MODERN_PYTHON.parent / "obert"), "export", str(root / "out-native"), "--out", tmp_path / "d"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "d" / "export.json").read_text())
+    assert manifest["quantized"] and manifest["int8_format"] in ("ort", "ort-u8", "qdq")
+    path = str(tmp_path / "d" / "model.onnx")
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    ids = np.random.RandomState(0).randint(1000, 2000, (1, 128)).astype(np.int64)
+    inputs = [ids if i.name == "input_ids" else np.ones_like(ids) if i.name == "attention_mask" else
+              np.zeros_like(ids) for i in session.get_inputs()]  # fmt: skip
+    expected = session.run(None, {i.name: x for i, x in zip(session.get_inputs(), inputs, strict=True)})[0]
+    got = deepsparse.Engine(path, batch_size=1)(inputs)[0]
+    assert np.abs(got - expected).max() < 1e-4
