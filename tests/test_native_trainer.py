@@ -85,6 +85,11 @@ def test_obert_prunes_to_the_scheduled_targets_at_the_scheduled_steps(tmp_path):
     # the masks are the zeros
     for name, mask in pruning.masks_by_name().items():
         assert torch.equal(mask, weights[name] != 0), name
+    # and the trainer's log shows the recipe's epoch and the latest pruning step
+    logged = [e for e in run.state.log_history if "loss" in e]
+    assert [e["recipe_epoch"] for e in logged][:5] == [0.25, 0.5, 0.75, 1.0, 1.25]
+    assert "obert_target_sparsity" not in logged[3] and logged[4]["obert_target_sparsity"] == 0.3
+    assert logged[-1]["obert_achieved_sparsity"] == pytest.approx(0.8, abs=1e-3)
 
 
 def test_masks_are_needed_after_optimizer_steps(tmp_path):

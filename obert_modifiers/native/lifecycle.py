@@ -376,6 +376,7 @@ class OBertPruning(_Masked):
         self.history.append(
             {"epoch": ctx.epoch, "step": ctx.step, "target": target, "achieved": stats.achieved}
         )
+        runner.metrics.update({"obert_target_sparsity": target, "obert_achieved_sparsity": stats.achieved})
         _LOGGER.info(
             "!%s step %d at epoch %.4g: target %.4f achieved %.4f",
             self.tag,
@@ -659,6 +660,7 @@ class Quantization(NativeModifier):
             qat.freeze_observers(ctx.model)
             _broadcast_quantizers(ctx.model)
             self.frozen = True
+            ctx.runner.metrics["qat_observers_frozen"] = 1.0
             _LOGGER.info("!%s: observers frozen at epoch %.4g", self.tag, ctx.epoch)
 
     def pre_step(self, ctx: StepContext) -> None:
@@ -920,6 +922,7 @@ class ZipLMPruning(NativeModifier):
         )
         record = {"epoch": ctx.epoch, "step": ctx.step, "target": target, "predicted": choice.speedup}
         self.history.append({**record, "structure": structure})
+        runner.metrics.update({"ziplm_target_speedup": target, "ziplm_predicted_speedup": choice.speedup})
         _LOGGER.info("!%s step %d: target %gx, predicted %.3gx; heads %s, FFN %s", self.tag, self.steps_done,
                      target, choice.speedup, structure["heads"], structure["ffn"])  # fmt: skip
 
@@ -977,6 +980,7 @@ class RecipeRunner:
     quantize_attention: Callable[[nn.Module, Sequence[str]], list[str]] | None = None
     record_attention: Callable[[nn.Module], None] | None = None
     step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)  # the latest of each, for the trainer's log
     lr_trace: list[tuple[int, float, float]] = field(default_factory=list)  # (step, epoch, lr of group 0)
     modifiers: list[NativeModifier] = field(init=False)
 

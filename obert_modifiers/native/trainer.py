@@ -240,6 +240,13 @@ class RecipeTrainerMixin:
         self.recipe_runner.structure_state(state)
         self.recipe_runner.load_state_dict(state)
 
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The trainer's log, with the recipe's epoch and the latest modifier values (pruning targets
+        and achieved sparsity, ZipLM speed-ups, observer freeze) while training."""
+        if "loss" in logs:
+            logs = {**logs, "recipe_epoch": self.recipe_runner.epoch, **self.recipe_runner.metrics}
+        super().log(logs, *args, **kwargs)
+
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if self.lr_scheduler is None and self.recipe_runner.has_lr_modifiers:
             # the recipe sets the rate before every optimizer step; this scheduler leaves it alone
