@@ -123,3 +123,23 @@ def test_ziplm_model_exports_on_the_modern_stack(tmp_path):
     assert result.max_abs_diff < 1e-4 and manifest.num_parameters == sum(
         p.numel() for p in run.model.parameters()
     )
+
+
+def test_a_list_of_targets_saves_each_family_member(tmp_path):
+    """Targets [1.3, 1.6]: steps at epochs 1 and 2; before the second step and at the end, the model at
+    each target goes to <output_dir>/ziplm-<t>x with a recipe that rebuilds exactly its structure."""
+    recipe = RECIPE.replace("speedup_targets: 1.6", "speedup_targets: [1.3, 1.6]")
+    run = trainer(recipe, tmp_path / "out", model=four_head_bert())
+    run.train()
+    (ziplm,) = [m for m in run.recipe_runner.modifiers if m.tag == "ZipLMPruningModifier"]
+    assert [(h["epoch"], h["target"]) for h in ziplm.history] == [(1.0, 1.3), (2.0, 1.6)]
+    assert ziplm.members == [tmp_path / "out" / "ziplm-1.3x", tmp_path / "out" / "ziplm-1.6x"]
+    small, smaller = (load_model(folder) for folder in ziplm.members)
+    assert small.config.obert_structure == ziplm.history[0]["structure"]
+    assert smaller.config.obert_structure == ziplm.history[1]["structure"]
+    assert sum(p.numel() for p in smaller.parameters()) < sum(p.numel() for p in small.parameters())
+    (member,) = load_recipe(ziplm.members[0] / "recipe.yaml").modifiers
+    assert member.params.speedup_targets == [1.3] and member.params.steps_done == 1
+    run.model.eval()
+    with torch.no_grad():  # the last member is the trained model
+        assert torch.equal(smaller(**_batch()).logits, run.model(**_batch()).logits)

@@ -27,11 +27,13 @@ exactly where the interrupted one stopped.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy
@@ -850,6 +852,7 @@ class ZipLMPruning(NativeModifier):
         self.steps_done = self.params.steps_done
         self.table = None
         self.history: list[dict] = []
+        self.members: list[Path] = []
 
     def bind(self, runner: RecipeRunner) -> None:
         from obert_modifiers.algorithms import shrink
@@ -872,9 +875,7 @@ class ZipLMPruning(NativeModifier):
 
     def update(self, ctx: StepContext) -> None:
         if len(self.params.speedup_targets) > 1 and self.steps_done:
-            _LOGGER.warning(
-                "!%s: the native adapter does not save family members; only the last model", self.tag
-            )
+            self.save_member(ctx.model, ctx.runner)  # the model at the previous target, trained since
         with torch.random.fork_rng():
             torch.manual_seed(self.params.seed + self.steps_done)
             self._step(ctx)
@@ -925,6 +926,42 @@ class ZipLMPruning(NativeModifier):
         runner.metrics.update({"ziplm_target_speedup": target, "ziplm_predicted_speedup": choice.speedup})
         _LOGGER.info("!%s step %d: target %gx, predicted %.3gx; heads %s, FFN %s", self.tag, self.steps_done,
                      target, choice.speedup, structure["heads"], structure["ffn"])  # fmt: skip
+
+    def save_member(self, model: nn.Module, runner: RecipeRunner) -> Path | None:
+        """With a list of targets, the model at the last target reached goes to
+        ``<output_dir>/ziplm-<target>x`` (``OBERT_ZIPLM_FAMILY_DIR`` overrides the folder), with a
+        recipe that rebuilds exactly its structure, as the SparseML adapter saves family members."""
+        import os
+
+        from obert_modifiers.algorithms import shrink
+        from obert_modifiers.algorithms.ziplm import family_dir_name
+        from obert_modifiers.deployment import staged_dir
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_rank() != 0:
+                return None
+        root = os.environ.get("OBERT_ZIPLM_FAMILY_DIR") or runner.output_dir
+        if not root or not self.steps_done:
+            return None
+        target = self.targets[self.steps_done - 1]
+        folder = Path(root) / family_dir_name(target)
+        structure = shrink.read_structure(model)
+        done = self.steps_done
+        targets = (
+            list(self.params.speedup_targets[:done]) if len(self.params.speedup_targets) > 1 else [target]
+        )
+        member = self.params.model_copy(
+            update={"speedup_targets": targets, "structure": structure, "steps_done": len(targets)}
+        )
+        planned = dataclasses.replace(self.planned, params=member, stage=None, epochs=None, extra={})
+        with staged_dir(folder, overwrite=True) as stage:
+            model.save_pretrained(stage)
+            if runner.tokenizer is not None:
+                runner.tokenizer.save_pretrained(stage)
+            RecipePlan(source=str(folder), stages={None: [planned]}).save(stage)
+        self.members.append(folder)
+        _LOGGER.info("!%s: saved the %gx model to %s", self.tag, target, folder)
+        return folder
 
     def _batches(self, runner: RecipeRunner, step: int) -> Iterator[dict]:
         source = runner.gradients
@@ -978,6 +1015,8 @@ class RecipeRunner:
     steps_per_epoch: int = 1
     gradients: GradientSource | None = None
     quantize_attention: Callable[[nn.Module, Sequence[str]], list[str]] | None = None
+    output_dir: str | None = None  # where ZipLM family members go
+    tokenizer: Any = None  # saved with them
     record_attention: Callable[[nn.Module], None] | None = None
     step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)  # the latest of each, for the trainer's log
@@ -1087,6 +1126,9 @@ class RecipeRunner:
         for modifier in self.of_type(_Masked):
             if modifier.masks_active:
                 modifier.apply_masks()
+        for modifier in self.of_type(ZipLMPruning):
+            if len(modifier.params.speedup_targets) > 1 and modifier.steps_done == len(modifier.targets):
+                modifier.save_member(self.model, self)
 
     # state (checkpoints) ----------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -187,6 +187,8 @@ class RecipeTrainerMixin:
             gradients=GradientSource(self._recipe_batches, seed=self.args.seed),
             quantize_attention=quantize_attention,
             record_attention=_record_attention,
+            output_dir=self.args.output_dir,
+            tokenizer=self.processing_class,
         )
         if self.optimizer is not None and any(
             m.start_epoch <= 0 for m in plan.modifiers if m.tag in ("LayerDropModifier",)
