@@ -41,7 +41,8 @@ TRAIN_PARAGRAPHS = (
     "Offline defaults (HF_HUB_OFFLINE=1, TRANSFORMERS_OFFLINE=1, HF_DATASETS_OFFLINE=1, "
     "NM_DISABLE_ANALYTICS=1) are set unless already set.",
     "Without SparseML (the modern environment), or with OBERT_TRAIN_ENGINE=native, the native engine "
-    "trains instead (docs/native.md): text-classification and question-answering, with the stock "
+    "trains instead (docs/native.md): text-classification, question-answering and token-classification, "
+    "with the stock "
     "scripts' main flags (--model_name_or_path --recipe --recipe_args --distill_teacher --train_file "
     "--validation_file --output_dir --num_train_epochs --per_device_train_batch_size --learning_rate "
     "--max_seq_length --do_train --do_eval --seed ...) and every TrainingArguments flag.",

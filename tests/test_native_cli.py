@@ -22,9 +22,9 @@ if int(transformers.__version__.split(".")[0]) < 5:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from obert_modifiers.data import prepare_squad  # noqa: E402
+from obert_modifiers.data import prepare_conll, prepare_squad  # noqa: E402
 from obert_modifiers.models import TOKENIZER_FILES, save_tiny_bert  # noqa: E402
-from obert_modifiers.native import qa  # noqa: E402
+from obert_modifiers.native import ner, qa  # noqa: E402
 from obert_modifiers.native.train import read_records  # noqa: E402
 
 OBERT = Path(sys.executable).parent / "obert"
@@ -202,12 +202,18 @@ def test_qa_windows_and_postprocessing_recover_the_gold_answers(workdir):
 
 def test_errors_are_one_line(workdir, tmp_path):
     result = obert(
-        "train", "token-classification", "--model_name_or_path", workdir / "model", "--output_dir", tmp_path
+        "train",
+        "masked-language-modeling",
+        "--model_name_or_path",
+        workdir / "model",
+        "--output_dir",
+        tmp_path,
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "error: task 'token-classification' does not run on the native engine yet (it runs "
-        "text-classification, question-answering); use the SparseML stack (make venv) for it"
+        "error: task 'masked-language-modeling' does not run on the native engine yet (it runs "
+        "text-classification, question-answering, token-classification); use the SparseML stack "
+        "(make venv) for it"
     ]
     result = obert(
         "train",
@@ -256,3 +262,51 @@ def test_read_records_reads_csv_json_and_json_lines(tmp_path):
     assert read_records(tmp_path / "b.json", "--train_file") == [{"sentence": "hi", "label": "pos"}]
     assert len(read_records(tmp_path / "c.json", "--train_file")) == 2
     assert read_records(SQUAD, "--train_file")[0].keys() >= {"id", "context", "question", "answers"}
+
+
+def test_token_classification_with_a_recipe(workdir, tmp_path):
+    prepare_conll(Path(__file__).parent / "fixtures" / "conll_small.txt", tmp_path / "conll")
+    out = tmp_path / "ner-out"
+    result = obert(
+        "train", "token-classification", "--model_name_or_path", workdir / "model",
+        "--recipe", workdir / "recipe.yaml",
+        "--distill_teacher", "disable", "--train_file", tmp_path / "conll" / "train.json",
+        "--validation_file", tmp_path / "conll" / "validation.json", "--output_dir", out,
+        "--per_device_train_batch_size", "4", "--max_seq_length", "32", "--do_train", "--do_eval",
+        "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
+    )  # fmt: skip
+    assert result.returncode == 1  # a checkpoint with another task's head: one line naming the flag
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"error: --model_name_or_path {workdir / 'model'}: cannot load it as "
+            "AutoModelForTokenClassification"
+        )
+    )
+    result = obert(*result.args[1:], "--ignore_mismatched_sizes")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "eval_results.json").read_text())
+    assert {"eval_precision", "eval_recall", "eval_f1", "eval_accuracy"} <= set(metrics)
+    config = json.loads((out / "config.json").read_text())
+    tags = json.loads((tmp_path / "conll" / "data.json").read_text())["labels"]
+    assert list(config["id2label"].values()) == sorted(tags)
+    assert config["architectures"] == ["BertForTokenClassification"]
+
+
+def test_entity_scores_follow_iob_spans():
+    assert ner.entity_spans(["B-PER", "I-PER", "O", "I-LOC", "B-LOC", "I-ORG"]) == {
+        ("PER", 0, 2), ("LOC", 3, 4), ("LOC", 4, 5), ("ORG", 5, 6)
+    }  # fmt: skip
+    id2label = {0: "O", 1: "B-PER", 2: "I-PER"}
+    labels = np.array([[-100, 1, 2, 0, 1, -100]])
+    exact = np.eye(3)[[0, 1, 2, 0, 1, 0]][None]
+    assert ner.entity_scores(exact, labels, id2label) == {
+        "precision": 1.0,
+        "recall": 1.0,
+        "f1": 1.0,
+        "accuracy": 1.0,
+    }
+    half = np.eye(3)[[0, 1, 0, 0, 1, 0]][None]  # the first entity cut short: one of two spans right
+    scores = ner.entity_scores(half, labels, id2label)
+    assert (scores["precision"], scores["recall"], scores["accuracy"]) == (0.5, 0.5, 0.75)

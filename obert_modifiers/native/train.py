@@ -35,12 +35,12 @@ import numpy as np
 import torch
 
 from obert_modifiers.errors import ObertError
-from obert_modifiers.native import qa
+from obert_modifiers.native import ner, qa
 
 __all__ = ["NATIVE_TASKS", "DataArguments", "ModelArguments", "RecipeArguments", "TrainError", "main"]
 
 _LOGGER = logging.getLogger(__name__)
-NATIVE_TASKS = ("text-classification", "question-answering")
+NATIVE_TASKS = ("text-classification", "question-answering", "token-classification")
 
 
 class TrainError(ObertError, ValueError):
@@ -53,6 +53,9 @@ class ModelArguments:
     config_name: str | None = field(default=None, metadata={"help": "config, if not the model's"})
     tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer, if not the model's"})
     cache_dir: str | None = field(default=None, metadata={"help": "hub cache folder"})
+    ignore_mismatched_sizes: bool = field(
+        default=False, metadata={"help": "replace a head of another size (another task's checkpoint)"}
+    )
 
 
 @dataclass
@@ -176,6 +179,22 @@ def text_columns(records: list[dict], data: DataArguments) -> tuple[str, str | N
     return columns[0], columns[1] if len(columns) > 1 else None
 
 
+def token_columns(records: list[dict], data: DataArguments) -> tuple[str, str]:
+    """The words and tags columns: ``tokens`` and ``ner_tags`` (the stock script's defaults), or the
+    first two columns; ``--input_column_names`` / ``--label_column_name`` name them."""
+    columns = list(records[0])
+    words = data.input_column_names or ("tokens" if "tokens" in columns else columns[0])
+    tags = (
+        data.label_column_name
+        if data.label_column_name in columns
+        else ("ner_tags" if "ner_tags" in columns else columns[1] if len(columns) > 1 else None)
+    )
+    for flag, column in (("--input_column_names", words), ("--label_column_name", tags)):
+        if column not in columns:
+            raise TrainError(f"{flag} {column!r} is not a column (columns: {columns})")
+    return words, tags
+
+
 # --------------------------------------------------------------------------------------------
 # the command
 # --------------------------------------------------------------------------------------------
@@ -221,9 +240,24 @@ def main(task: str, args: Sequence[str]) -> dict:
         config.label2id = {label: i for i, label in enumerate(labels)}
         config.id2label = dict(enumerate(labels))
         from transformers import AutoModelForSequenceClassification as auto_class
+    elif task == "token-classification":
+        words, tags = token_columns(reference, data)
+        labels = sorted({str(t) for r in reference for t in r[tags]})
+        config.num_labels = len(labels)
+        config.label2id = {label: i for i, label in enumerate(labels)}
+        config.id2label = dict(enumerate(labels))
+        from transformers import AutoModelForTokenClassification as auto_class
     else:
         from transformers import AutoModelForQuestionAnswering as auto_class
-    model = _load(auto_class, source, config)
+    try:
+        model = _load(auto_class, source, config, model_args.ignore_mismatched_sizes)
+    except ObertError:
+        raise
+    except (OSError, ValueError, RuntimeError) as error:
+        first = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise TrainError(
+            f"--model_name_or_path {source}: cannot load it as {auto_class.__name__}: {first}"
+        ) from None
     features = _features(task, splits, tokenizer, data, config)
 
     kwargs: dict[str, Any] = {
@@ -235,6 +269,12 @@ def main(task: str, args: Sequence[str]) -> dict:
     }
     if task == "text-classification":
         kwargs["compute_metrics"] = _accuracy
+    elif task == "token-classification":
+        kwargs["compute_metrics"] = lambda p: ner.entity_scores(p.predictions, p.label_ids, config.id2label)
+        if not data.pad_to_max_length:
+            from transformers import DataCollatorForTokenClassification
+
+            kwargs["data_collator"] = DataCollatorForTokenClassification(tokenizer)
     if recipe_args.recipe:
         from obert_modifiers.native.trainer import RecipeTrainer
 
@@ -257,7 +297,7 @@ def main(task: str, args: Sequence[str]) -> dict:
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
     if training.do_eval:
-        if task == "text-classification":
+        if task in ("text-classification", "token-classification"):
             evaluation = trainer.evaluate()
         else:
             evaluation = _evaluate_qa(trainer, features["validation_examples"], features["validation"], data)
@@ -266,13 +306,13 @@ def main(task: str, args: Sequence[str]) -> dict:
     return metrics
 
 
-def _load(auto_class: Any, source: str, config: Any):
+def _load(auto_class: Any, source: str, config: Any, ignore_mismatched_sizes: bool = False):
     folder = Path(source)
     if (folder / "recipe.yaml").is_file():
         from obert_modifiers.native.reload import load_model
 
         return load_model(folder, auto_class, config=config)
-    return auto_class.from_pretrained(source, config=config)
+    return auto_class.from_pretrained(source, config=config, ignore_mismatched_sizes=ignore_mismatched_sizes)
 
 
 def _features(task: str, splits: dict, tokenizer, data: DataArguments, config) -> dict:
@@ -296,6 +336,15 @@ def _features(task: str, splits: dict, tokenizer, data: DataArguments, config) -
                     f"{name} data: label {error.args[0]!r} is not in the training labels"
                 ) from None
             out[name] = Features(encoded)
+        elif task == "token-classification":
+            words, tags = token_columns(records, data)
+            try:
+                columns = ner.token_features(
+                    records, tokenizer, words, tags, config.label2id, length, padding
+                )
+            except KeyError as error:
+                raise TrainError(f"{name} data: tag {error.args[0]!r} is not in the training tags") from None
+            out[name] = Features(columns)
         elif name == "train":
             out[name] = Features(qa.train_features(records, tokenizer, length, data.doc_stride, padding))
         else:
