@@ -1,16 +1,17 @@
 """One recipe, two adapters, same result.
 
 The same staged recipe (layer drop 4 -> 2, oBERT pruning at epochs 0, 1, 2 with a cyclic learning
-rate, then INT8 QAT with observers frozen mid-epoch) trains the same tiny BERT on the same data twice:
+rate and distillation (logits and hidden states) from the 4-layer starting model, then INT8 QAT with
+observers frozen mid-epoch) trains the same tiny BERT on the same data twice:
 through SparseML's stock ``sparseml.transformers.train.text_classification`` in this venv (``.venv``:
 SparseML 1.8, transformers 4.40) and through the native adapter's ``obert train`` in ``.venv-modern``
 (transformers 5, no SparseML). ``tests/parity_trace.py`` writes what each run did as JSON; this test
 compares them.
 
-What must agree, and how closely (measured on the 2-core build machine: everything equal, final
-weights within 1.4e-4):
+What must agree, and how closely (measured on the 2-core build machine: everything equal, the mean
+training loss equal to the last digit, final weights within 5.5e-6):
 - the epochs and targets of the pruning steps, the learning rate of every optimizer step, the layers
-  kept, and the saved state-dict keys: exactly;
+  kept, and the saved state-dict keys: exactly; the mean training loss (distillation included): 1e-6;
 - the masks of every pruning step: at most 8 of the 16,384 pruned-layer weights may differ. Both venvs
   run the same torch 2.13 wheel, but transformers 4.40 and 5 compute BERT attention differently
   (eager vs SDPA kernels), so gradients differ in the last bits and a weight whose OBS score ties
@@ -62,6 +63,13 @@ prune:
       keep: 2
       num_layers: 4
       start_epoch: 0.0
+  distillation_modifiers:
+    - !OBertDistillationModifier
+      hardness: 0.7
+      temperature: 2.0
+      hidden_weight: 0.5
+      start_epoch: 0.0
+      end_epoch: 2.0
   pruning_modifiers:
     - !OBertPruningModifier
       params: eval(prune_params)
@@ -126,6 +134,7 @@ def _setup(root: Path) -> None:
 def _flags(root: Path, out: str) -> list[str]:
     return [
         "--model_name_or_path", str(root / "model"), "--recipe", str(root / "recipe.yaml"),
+        "--distill_teacher", str(root / "model"),
         "--train_file", str(root / "train.csv"), "--validation_file", str(root / "validation.csv"),
         "--do_train", "--max_seq_length", "16", "--per_device_train_batch_size", "8", "--seed", "7",
         "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
@@ -195,6 +204,11 @@ def test_same_saved_model(traces):
     theirs = torch.load(root / "out-sparseml" / "pytorch_model.bin", map_location="cpu", weights_only=True)
     ours = load_file(str(root / "out-native" / "model.safetensors"))
     assert ours.keys() == theirs.keys()  # same layout, QAT modules included: a folder reloads on either stack
+    losses = [
+        json.loads((root / out / "trainer_state.json").read_text())["log_history"][-1]["train_loss"]
+        for out in ("out-sparseml", "out-native")
+    ]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     worst = max(float((ours[k].float() - theirs[k].float()).abs().max()) for k in ours)
     assert worst < 1e-3
 
