@@ -131,12 +131,14 @@ def _setup(root: Path) -> None:
     (root / "recipe.yaml").write_text(RECIPE)
 
 
-def _flags(root: Path, out: str) -> list[str]:
+def _flags(root: Path, out: str, accumulation: int) -> list[str]:
     return [
         "--model_name_or_path", str(root / "model"), "--recipe", str(root / "recipe.yaml"),
         "--distill_teacher", str(root / "model"),
         "--train_file", str(root / "train.csv"), "--validation_file", str(root / "validation.csv"),
-        "--do_train", "--max_seq_length", "16", "--per_device_train_batch_size", "8", "--seed", "7",
+        "--do_train", "--max_seq_length", "16", "--seed", "7",
+        "--per_device_train_batch_size", str(8 // accumulation),
+        "--gradient_accumulation_steps", str(accumulation),
         "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
         "--output_dir", str(root / out),
     ]  # fmt: skip
@@ -154,18 +156,19 @@ def _trace(python: Path | str, side: str, root: Path, flags: list[str]) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.fixture(scope="module")
-def traces(tmp_path_factory) -> tuple[dict, dict, Path]:
+@pytest.fixture(scope="module", params=[1, 2], ids=["batch8", "batch4x2-accumulated"])
+def traces(request, tmp_path_factory) -> tuple[dict, dict, Path]:
+    """Both runs, at batch 8, and at batch 4 with 2 accumulation steps (8 per optimizer step: the
+    same steps per epoch and the same recipe epochs)."""
     if not MODERN_PYTHON.exists():
         pytest.skip(
             f"{MODERN_PYTHON} is missing: build the modern venv (make venv-modern) to compare the adapters"
         )
     root = tmp_path_factory.mktemp("parity")
     _setup(root)
-    sparseml = _trace(
-        sys.executable, "sparseml", root, [*_flags(root, "out-sparseml"), "--save_safetensors", "False"]
-    )
-    native = _trace(MODERN_PYTHON, "native", root, _flags(root, "out-native"))
+    flags = [*_flags(root, "out-sparseml", request.param), "--save_safetensors", "False"]
+    sparseml = _trace(sys.executable, "sparseml", root, flags)
+    native = _trace(MODERN_PYTHON, "native", root, _flags(root, "out-native", request.param))
     return sparseml, native, root
 
 
