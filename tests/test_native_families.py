@@ -129,3 +129,20 @@ def test_default_patterns_match_every_encoder_linear_and_nothing_else(family):
     assert not any(
         k in name for name in found for k in ("embed", "classifier", "pooler", "pre_classifier", "head")
     )
+
+
+def test_obert_train_fills_in_the_familys_prune_params(tmp_path):
+    """The repo's recipes read their oBERT params from the variable prune_params (BERT names): for
+    another family obert train sets it to that family's default, unless recipe_args set it."""
+    from obert_modifiers.native import load_recipe
+    from obert_modifiers.native.families import with_family_defaults
+
+    variables = load_recipe("recipes/minilm_6l_prune.yaml").variables
+    modern = tiny_model("modernbert")
+    assert with_family_defaults(variables, {}, modern) == {"prune_params": DEFAULT_PRUNE_PARAMS["modernbert"]}
+    assert with_family_defaults(variables, {"prune_params": ["x"]}, modern) == {"prune_params": ["x"]}
+    assert with_family_defaults(variables, {"num_grads": 8}, tiny_model("bert")) == {"num_grads": 8}
+    args = with_family_defaults(variables, {}, modern)
+    plan = load_recipe("recipes/minilm_6l_prune.yaml", args)
+    (pruning,) = [m for m in plan.modifiers if m.tag == "OBertPruningModifier"]
+    assert len(find_params(modern, pruning.params.params, pruning.tag)) == 4 * 4

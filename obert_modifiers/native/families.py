@@ -18,7 +18,15 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["DEFAULT_PRUNE_PARAMS", "default_prune_params", "family_of"]
+__all__ = [
+    "DEFAULT_PRUNE_PARAMS",
+    "PRUNE_PARAMS_VARIABLE",
+    "default_prune_params",
+    "family_of",
+    "with_family_defaults",
+]
+
+PRUNE_PARAMS_VARIABLE = "prune_params"  # the variable the repo's recipes read their oBERT params from
 
 DEFAULT_PRUNE_PARAMS: dict[str, list[str]] = {
     "bert": [
@@ -56,3 +64,17 @@ def default_prune_params(model_or_config: Any) -> list[str]:
             "give the recipe's params explicitly"
         )
     return list(DEFAULT_PRUNE_PARAMS[family])
+
+
+def with_family_defaults(
+    variables: dict[str, Any], recipe_args: dict[str, Any], model_or_config: Any
+) -> dict[str, Any]:
+    """``recipe_args`` with ``prune_params`` set to the model family's default patterns when the recipe
+    has that variable, the caller did not set it, and the model is not a BERT (the repo's recipes
+    name BERT's weights); unchanged otherwise."""
+    family = family_of(model_or_config)
+    if PRUNE_PARAMS_VARIABLE not in variables or PRUNE_PARAMS_VARIABLE in recipe_args or family == "bert":
+        return dict(recipe_args)
+    if family not in DEFAULT_PRUNE_PARAMS:
+        return dict(recipe_args)  # unknown family: the recipe's own patterns (a miss is an error naming them)
+    return {**recipe_args, PRUNE_PARAMS_VARIABLE: default_prune_params(model_or_config)}

@@ -276,12 +276,17 @@ def main(task: str, args: Sequence[str]) -> dict:
 
             kwargs["data_collator"] = DataCollatorForTokenClassification(tokenizer)
     if recipe_args.recipe:
+        from obert_modifiers.native.families import with_family_defaults
+        from obert_modifiers.native.recipe import load_recipe, parse_recipe_args
         from obert_modifiers.native.trainer import RecipeTrainer
 
+        overrides = parse_recipe_args(recipe_args.recipe_args)
+        variables = load_recipe(recipe_args.recipe, overrides).variables
+        overrides = with_family_defaults(variables, overrides, config)
         saved = Path(source) / "recipe.yaml"
         trainer = RecipeTrainer(
             recipe=recipe_args.recipe,
-            recipe_args=recipe_args.recipe_args,
+            recipe_args=overrides or None,
             teacher=recipe_args.distill_teacher,
             model_recipe=saved if saved.is_file() else None,
             **kwargs,
