@@ -200,10 +200,12 @@ def token_columns(records: list[dict], data: DataArguments) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def parse(args: Sequence[str]):
+def parse(args: Sequence[str], task: str = "TASK"):
     from transformers import HfArgumentParser, TrainingArguments
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, RecipeArguments, TrainingArguments))
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, RecipeArguments, TrainingArguments), prog=f"obert train {task}"
+    )
     try:
         return parser.parse_args_into_dataclasses(args=list(args))
     except SystemExit as exit_:
@@ -221,7 +223,7 @@ def main(task: str, args: Sequence[str]) -> dict:
             f"task {task!r} does not run on the native engine yet (it runs {', '.join(NATIVE_TASKS)}); "
             "use the SparseML stack (make venv) for it"
         )
-    model_args, data, recipe_args, training = parse(args)
+    model_args, data, recipe_args, training = parse(args, task)
     from transformers import AutoConfig, AutoTokenizer, Trainer, set_seed
 
     set_seed(training.seed)

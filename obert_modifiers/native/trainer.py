@@ -195,8 +195,7 @@ class RecipeTrainerMixin:
         ):
             raise RecipeRunError(
                 f"{plan.source}: !LayerDropModifier changes the parameters before training; "
-                "let the trainer create "
-                "the optimizer (do not pass optimizers=...)"
+                "let the trainer create the optimizer (do not pass optimizers=...)"
             )
         self.recipe_runner.apply_structure()
         if self.recipe_runner.has_distillation:
