@@ -310,3 +310,18 @@ def test_entity_scores_follow_iob_spans():
     half = np.eye(3)[[0, 1, 0, 0, 1, 0]][None]  # the first entity cut short: one of two spans right
     scores = ner.entity_scores(half, labels, id2label)
     assert (scores["precision"], scores["recall"], scores["accuracy"]) == (0.5, 0.5, 0.75)
+
+
+def test_the_integration_example_runs_a_repo_recipe(workdir, tmp_path):
+    """integrations/huggingface/native_trainer.py: a training script of one's own with the two lines,
+    the repo's 6-layer pruning recipe shortened by recipe_args, on the tiny model."""
+    script = Path(__file__).parents[1] / "integrations" / "huggingface" / "native_trainer.py"
+    args = '{"num_grads": 8, "fisher_block_size": 16, "prune_epochs": 2, "recovery_epochs": 1}'
+    recipe = Path(__file__).parents[1] / "recipes" / "minilm_6l_prune.yaml"
+    command = [sys.executable, script, workdir / "model", workdir / "train.csv", tmp_path / "out"]
+    result = subprocess.run(
+        [*map(str, command), "--recipe", str(recipe), "--recipe-args", args],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "saved" in result.stdout and (tmp_path / "out" / "recipe.yaml").is_file()
