@@ -3,7 +3,7 @@ every attention and FFN output projection on calibration batches, a structured-O
 and the physical shrink to a latency search's choice, with the optimizer's state moved onto the
 shrunk parameters. The math is in :mod:`~obert_modifiers.algorithms.structured_obs`,
 :mod:`~obert_modifiers.algorithms.latency_search` and :mod:`~obert_modifiers.algorithms.shrink`;
-the adapters (``modifiers/ziplm.py``, ``native/lifecycle.py``) decide when a step runs and on which
+the adapters (``modifiers/ziplm.py``, ``native/modifiers/ziplm.py``) decide when a step runs and on which
 batches."""
 
 from __future__ import annotations

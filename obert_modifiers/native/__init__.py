@@ -6,7 +6,8 @@
   Imports neither SparseML nor torch (``obert recipe check`` uses it in a light install).
 - :mod:`obert_modifiers.native.trainer`: the Trainer adapter that runs such a plan on transformers 5
   (:class:`RecipeTrainer`, :class:`RecipeTrainerMixin`), with :mod:`~obert_modifiers.native.lifecycle`
-  (one lifecycle class per recipe tag, pure torch) and :mod:`~obert_modifiers.native.attention`
+  (the runner) and :mod:`~obert_modifiers.native.modifiers` (one lifecycle class per recipe tag, pure
+  torch) and :mod:`~obert_modifiers.native.attention`
   (attention-matmul QAT through transformers' attention registry). Imported on first use, so
   ``import obert_modifiers.native`` stays light.
 
