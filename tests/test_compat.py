@@ -602,3 +602,34 @@ def test_analytics_disabled_by_default_in_every_process():
         "import os; print(os.environ.get('NM_DISABLE_ANALYTICS'))", env={**env, "OBERT_ALLOW_ANALYTICS": "1"}
     )
     assert opted_in.stdout.strip() == "None"
+
+
+@pytest.mark.integration
+def test_empty_weight_sparsity(tmp_path):
+    """SparseML's end-of-training sparsity report on a model with a removed block (zero-width
+    linears kept for their names): NaN -> ValueError without the fix, a number with it."""
+    from obert_modifiers.algorithms.shrink import save_shrunk_model, shrink_model
+    from obert_modifiers.models import save_tiny_bert
+
+    folder = save_tiny_bert(tmp_path / "tiny", num_labels=2)
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    model = BertForSequenceClassification.from_pretrained(folder)
+    shrink_model(model, heads={0: []}, ffn={1: []})
+    out = save_shrunk_model(model, tmp_path / "shrunk", tokenizer=AutoTokenizer.from_pretrained(folder))
+    code = (
+        "import sys\nimport sparseml.pytorch.sparsification  # noqa: F401\n"
+        "from sparseml.pytorch.utils.sparsification import ModuleSparsificationInfo\n"
+        "from transformers import AutoModelForSequenceClassification as M\n"
+        "info = ModuleSparsificationInfo(M.from_pretrained(sys.argv[1]))\n"
+        "try:\n    print('PERCENT', info.params_prunable_sparse_percent, info.params_sparse_percent)\n"
+        "except Exception as e:\n    print('FAILED', type(e).__name__, e)\n"
+    )
+    without = run_python(code, out, env=offline_env(**{compat.DISABLE_ENV: "empty_weight_sparsity"}))
+    assert "FAILED ValueError cannot convert float NaN to integer" in without.stdout, (
+        without.stdout + without.stderr
+    )
+    with_fix = run_python(code, out, env=offline_env(**{compat.DISABLE_ENV: ""}))
+    assert "PERCENT" in with_fix.stdout, with_fix.stdout + with_fix.stderr
+    percent, overall = map(float, with_fix.stdout.split("PERCENT", 1)[1].split())
+    assert 0.0 <= percent < 1.0 and 0.0 <= overall < 1.0  # a dense (shrunk) model: ~0 % zeros

@@ -14,6 +14,8 @@ Recipe keys (:class:`~obert_modifiers.params.ZipLMPruningParams`)::
       calibration_batch_size: 32
       damp: 0.01                       # H + damp * mean(diag H) * I
       ffn_chunk: 16
+      allocation: search               # search | uniform (same width in every layer; an ablation)
+      weight_update: true              # false: remove without the OBS update (an ablation)
       latency_runtime: onnxruntime     # onnxruntime (measured, cached on disk) | flops
       latency_threads: 2
       latency_batch_size: 1
@@ -52,6 +54,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +208,7 @@ class ZipLMPruningModifier(ScheduledUpdateModifier):
             self._step_seeded(module, optimizer, epoch, steps_per_epoch)
 
     def _step_seeded(self, module: nn.Module, optimizer, epoch: float, steps_per_epoch: int) -> None:
+        began = time.perf_counter()
         step = self._steps_done
         target = self._targets[step]
         layers = shrink.encoder_layers(module)
@@ -217,21 +221,24 @@ class ZipLMPruningModifier(ScheduledUpdateModifier):
                 attention, ffn = self._databases(layers, hessians, table)
         finally:
             module.train(was_training)
-        choice = latency_search.search_structure(
-            table, [db.errors for db in attention], [db.errors for db in ffn], target
+        search = (
+            latency_search.search_uniform
+            if self._allocation == "uniform"
+            else latency_search.search_structure
         )
+        choice = search(table, [db.errors for db in attention], [db.errors for db in ffn], target)
         heads_keep, ffn_keep, attention_weights, ffn_weights = {}, {}, {}, {}
         for index, (att, kept) in enumerate(zip(attention, choice.heads, strict=True)):
             if kept < att.current:
                 level = att.current - kept
                 heads_keep[index] = att.db.kept_groups(level)
-                if kept:
+                if kept and self._weight_update:
                     attention_weights[index] = att.db.weight(level)
         for index, (ff, kept) in enumerate(zip(ffn, choice.ffn, strict=True)):
             if kept < ff.current:
                 level = ff.current - kept
                 ffn_keep[index] = ff.db.kept_groups(level)
-                if kept:
+                if kept and self._weight_update:
                     ffn_weights[index] = ff.db.weight(level)
         slices = shrink.shrink_model(
             module,
@@ -242,7 +249,7 @@ class ZipLMPruningModifier(ScheduledUpdateModifier):
         )
         move_optimizer_state(optimizer, slices)
         self._record(module, target, choice, table)
-        self._log_step(choice, target, epoch, steps_per_epoch)
+        self._log_step(choice, target, epoch, steps_per_epoch, time.perf_counter() - began)
 
     def _calibration_batches(self, step: int):
         builder = self._grad_sampler["data_loader_builder"]
@@ -318,11 +325,11 @@ class ZipLMPruningModifier(ScheduledUpdateModifier):
         self._last_choice = choice
         module.config.update({ZIPLM_KEY: prediction(choice, table, target)})
 
-    def _log_step(self, choice, target: float, epoch: float, steps_per_epoch: int) -> None:
+    def _log_step(self, choice, target: float, epoch: float, steps_per_epoch: int, seconds: float) -> None:
         _LOGGER.info(
-            "!%s step %d: target %gx, predicted %.3gx (%.4g of %.4g %s); heads %s, FFN %s",
+            "!%s step %d: target %gx, predicted %.3gx (%.4g of %.4g %s); heads %s, FFN %s; %.1f s",
             _NAME, self._steps_done, target, choice.speedup, choice.predicted, choice.dense,
-            self._table.unit, self._structure["heads"], self._structure["ffn"],
+            self._table.unit, self._structure["heads"], self._structure["ffn"], seconds,
         )  # fmt: skip
         if self.loggers is not None:
             values = {"ziplm_target_speedup": target, "ziplm_predicted_speedup": choice.speedup}
@@ -407,8 +414,9 @@ def _block(linear, hessian, current: int, kept: set[int], group: int, damp: floa
         return _Block(None, 0, {0: 0.0})
     kept = {k for k in kept if 0 <= k <= current}
     levels = sorted(current - k for k in kept)
-    db = sobs.structured_obs(linear.weight.detach().float(), hessian.hessian.float(), group, levels,
-                             rel_damp=damp, chunk=chunk)
+    db = sobs.structured_obs(
+        linear.weight.detach().float(), hessian.hessian.float(), group, levels, rel_damp=damp, chunk=chunk
+    )
     return _Block(db, current, db.by_kept(relative=True))
 
 
