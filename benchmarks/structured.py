@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--jobs", type=int, default=2, help="training runs side by side (1 thread each)")
     parser.add_argument("--max-train", type=int, help="training snippets (default: the mode's; 0: all 9,755)")
+    parser.add_argument("--refresh-table", action="store_true", help="re-measure the cached latency table")
+    parser.add_argument("--train-only", action="store_true", help="train (or reuse) the stages, then stop")
     parser.add_argument(
         "--from-json", type=Path, help="re-render the docs section from a saved structured.json"
     )
