@@ -48,6 +48,7 @@ __all__ = [
     "recipe_structure",
     "structure_config",
     "empty_weight_sparsity",
+    "ziplm_resume",
 ]
 
 DISABLE_ENV = "OBERT_COMPAT_DISABLE"
@@ -676,6 +677,37 @@ def empty_weight_sparsity(module: ModuleType) -> None:
     module.tensor_sparsity = tensor_sparsity
 
 
+def ziplm_resume(module: ModuleType) -> None:
+    """Structured pruning: ``--resume_from_checkpoint`` between two ``!ZipLMPruningModifier`` steps.
+
+    Without it: the stock training scripts build the starting (dense) model, and resuming from a
+    checkpoint saved after a ZipLM step fails with ``size mismatch for
+    bert.encoder.layer.1.intermediate.dense.weight``; and the run's recipe would take the pruning
+    steps again from the first.
+
+    Patch: ``RecipeManagerTrainerInterface.apply_manager(epoch, checkpoint)`` (called with the
+    checkpoint before the recipe is applied and the weights reloaded) first gives the model the
+    checkpoint's recorded shapes and each ZipLM modifier the checkpoint's recorded structure and
+    steps taken (``obert_modifiers.modifiers.ziplm.resume_structure``), so the run continues with the
+    next step and ends as the uninterrupted run does.
+    """
+    cls = module.RecipeManagerTrainerInterface
+    original = cls.apply_manager
+    if _patched(original, "ziplm_resume"):
+        return
+
+    @functools.wraps(original)
+    def apply_manager(self: Any, epoch: float, checkpoint: Any) -> bool:
+        if checkpoint and self.manager is not None and not self.manager_applied:
+            from obert_modifiers.modifiers.ziplm import resume_structure
+
+            resume_structure(self.model, self.manager, checkpoint)
+        return original(self, epoch, checkpoint)
+
+    _mark(apply_manager, original, "ziplm_resume")
+    cls.apply_manager = apply_manager
+
+
 def _recipe_source(file_path: Any, text: str) -> tuple[str, int]:
     """(the file a recipe text came from, or 'recipe', and the line of the text in that file)."""
     path = getattr(file_path, "path", file_path)  # a sparsezoo File
@@ -766,6 +798,7 @@ FIXES: dict[str, Fix] = {
         Fix("recipe_structure", recipe_structure, ("sparseml.optim.helpers",)),
         Fix("structure_config", structure_config, ("transformers.modeling_utils",), standalone=True),
         Fix("empty_weight_sparsity", empty_weight_sparsity, ("sparseml.pytorch.utils.sparsification",)),
+        Fix("ziplm_resume", ziplm_resume, ("sparseml.transformers.sparsification.trainer",)),
     )
 }
 

@@ -69,7 +69,7 @@ from obert_modifiers.algorithms import structured_obs as sobs
 from obert_modifiers.modifiers._base import recipe_properties, store_recipe
 from obert_modifiers.params import ZipLMPruningParams, validate_recipe
 
-__all__ = ["ZipLMPruningModifier", "ZIPLM_KEY", "move_optimizer_state", "family_dir_name"]
+__all__ = ["ZipLMPruningModifier", "ZIPLM_KEY", "move_optimizer_state", "family_dir_name", "resume_structure"]
 
 _LOGGER = logging.getLogger(__name__)
 _NAME = "ZipLMPruningModifier"
@@ -106,6 +106,7 @@ class ZipLMPruningModifier(ScheduledUpdateModifier):
         self._last_choice: latency_search.StructureChoice | None = None
         self._table: latency_search.LatencyTable | None = None
         self._saved: list[Path] = []
+        self._resume_epoch = 0.0  # the checkpoint's epoch when training resumed (apply_structure)
 
     @BaseModifier.sparsification_types.getter
     def sparsification_types(self) -> list[SparsificationTypes]:
@@ -115,6 +116,9 @@ class ZipLMPruningModifier(ScheduledUpdateModifier):
     def apply_structure(self, module: nn.Module, epoch: float = 0.0, loggers=None, finalize=False, **kwargs):
         """Check a reloaded model against the recorded ``structure`` and swap in the stand-ins; a
         model whose shapes differ is refused (its weights could not be the trained ones)."""
+        if math.isfinite(epoch) and epoch > 0:
+            # SparseML resumes with the checkpoint's epoch here, then counts its steps from 0 again
+            self._resume_epoch = float(epoch)
         recorded = self._structure
         if recorded is None:
             return  # nothing pruned yet: a fresh run
@@ -154,7 +158,12 @@ class ZipLMPruningModifier(ScheduledUpdateModifier):
         if not self._enabled or not self._initialized or self._steps_done >= len(self._targets):
             return False
         due = self.start_epoch + self._steps_done * self.update_frequency
-        return epoch >= due - 1e-9
+        return self._schedule_epoch(epoch) >= due - 1e-9
+
+    def _schedule_epoch(self, epoch: float) -> float:
+        """The epoch on the recipe's schedule: SparseML's step counter restarts at 0 when training
+        resumes from a checkpoint, so the checkpoint's epoch is added back."""
+        return epoch + self._resume_epoch if math.isfinite(epoch) else epoch
 
     def scheduled_update(self, module: nn.Module, optimizer, epoch: float, steps_per_epoch: int) -> None:
         if not self.update_ready(epoch, steps_per_epoch):
@@ -472,3 +481,53 @@ def _slice_state(value: Any, piece: shrink.ParamSlice) -> Any:
     if piece.index is None:
         return value.clone()
     return value.index_select(piece.dim, piece.index.to(value.device)).contiguous()
+
+
+def resume_structure(model: nn.Module, manager: Any, checkpoint: str | os.PathLike) -> bool:
+    """Resuming from ``checkpoint`` (``--resume_from_checkpoint``) between two pruning steps: give the
+    freshly built ``model`` the shapes the checkpoint's ``config.json`` records (its heads through
+    transformers' ``prune_heads``, then the FFN widths and stand-ins) so that the checkpoint's weights
+    and optimizer state fit, and give every ``!ZipLMPruningModifier`` of ``manager`` (the run's recipe,
+    in order) the ``structure`` and ``steps_done`` the checkpoint's ``recipe.yaml`` records, so that it
+    continues with the next step. Returns whether the checkpoint held a structure. Compat fix
+    ``ziplm_resume`` calls it before SparseML applies the recipe and reloads the weights."""
+    import json
+
+    folder = Path(checkpoint)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    recorded = config.get(shrink.STRUCTURE_KEY)
+    if not isinstance(recorded, dict):
+        return False
+    mine = [m for m in _ziplm_modifiers(manager)]
+    saved = []
+    if (folder / "recipe.yaml").is_file():
+        from sparseml.pytorch.optim import ScheduledModifierManager
+
+        saved = _ziplm_modifiers(ScheduledModifierManager.from_yaml(str(folder / "recipe.yaml")))
+    if len(saved) != len(mine):
+        raise RuntimeError(
+            f"!{_NAME}: {folder} was saved by a recipe with {len(saved)} {_NAME}(s), the run's recipe has "
+            f"{len(mine)}; resume with the recipe the checkpoint was trained with"
+        )
+    pruned = {int(k): list(v) for k, v in (config.get("pruned_heads") or {}).items()}
+    have = {int(k): sorted(v) for k, v in (getattr(model.config, "pruned_heads", None) or {}).items()}
+    if pruned and pruned != have:
+        model.prune_heads({k: sorted(set(v) - set(have.get(k, []))) for k, v in pruned.items()})
+    model.config.update({shrink.STRUCTURE_KEY: recorded, ZIPLM_KEY: config.get(ZIPLM_KEY)})
+    shrink.apply_structure(model, recorded)
+    for modifier, source in zip(mine, saved, strict=True):
+        modifier._structure, modifier._steps_done = source._structure, source._steps_done
+    _LOGGER.info(
+        "!%s: resuming from %s after %s pruning step(s): heads %s, FFN %s",
+        _NAME, folder, [m._steps_done for m in mine], recorded.get("heads"), recorded.get("ffn"),
+    )  # fmt: skip
+    return True
+
+
+def _ziplm_modifiers(manager: Any) -> list[ZipLMPruningModifier]:
+    modifiers = getattr(manager, "iter_modifiers", None)
+    found = modifiers() if callable(modifiers) else getattr(manager, "modifiers", []) or []
+    return [m for m in found if isinstance(m, ZipLMPruningModifier)]
