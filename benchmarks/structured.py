@@ -189,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-train", type=int, help="training snippets (default: the mode's; 0: all 9,755)")
     parser.add_argument("--refresh-table", action="store_true", help="re-measure the cached latency table")
     parser.add_argument("--train-only", action="store_true", help="train (or reuse) the stages, then stop")
+    parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default: the mode's)")
+    parser.add_argument("--seconds", type=float, help="seconds per timing run (default: the mode's)")
     parser.add_argument(
         "--from-json", type=Path, help="re-render the docs section from a saved structured.json"
     )
@@ -204,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg["max_train"] = args.max_train or None
     z = ZIPLM[mode]
     work, data = workspace(args.work, mode, cfg)
+    cfg.update({k: v for k, v in (("rounds", args.rounds), ("seconds", args.seconds)) if v is not None})
     training = training_flags(cfg)
     plan, rows = stages(cfg, z, args.threads)
     table_cost = latency_table_first(args.threads, args.refresh_table)
