@@ -45,6 +45,7 @@ START_FILES = (
     "vocab.txt",
 )
 
+
 @dataclass
 class Stage:
     """One training run. ``parent``/``teacher`` name other stages (``None``: the bundled model /
@@ -55,14 +56,18 @@ class Stage:
     recipe_args: dict[str, Any] = field(default_factory=dict)
     parent: str | None = None
     teacher: str | None = None
+    parent_subdir: str | None = None  # start from this folder inside the parent's (a ZipLM family member)
 
     def key(self, keys: dict[str, str], training: dict[str, Any]) -> str:
         text = (RECIPES / self.recipe).read_text()
+        parent = keys.get(self.parent) if self.parent else "minilm-l6"
+        if self.parent_subdir:
+            parent = f"{parent}/{self.parent_subdir}"
         blob = json.dumps(
             {
                 "recipe": text,
                 "args": self.recipe_args,
-                "parent": keys.get(self.parent) if self.parent else "minilm-l6",
+                "parent": parent,
                 "teacher": keys.get(self.teacher) if self.teacher else None,
                 "training": training,
             },
@@ -189,6 +194,8 @@ def _train_stage(
     from obert_modifiers.models import minilm_l6_dir
 
     parent = done[stage.parent] if stage.parent else minilm_l6_dir()
+    if stage.parent_subdir:
+        parent = parent / stage.parent_subdir
     start = clean_start(parent, work / f".{stage.name}-start")
     out = work / stage.name
     if out.exists():
@@ -229,10 +236,10 @@ def eval_results(model_dir: Path) -> dict[str, Any]:
 INT8_FORMAT = "integer"
 
 
-def export(model_dir: Path, target: Path, reuse: bool = False):
+def export(model_dir: Path, target: Path, reuse: bool = False, int8_format: str = INT8_FORMAT):
     """Deployment folder for ``model_dir`` (parity-checked by export_deployment). With ``reuse``, an
     existing folder exported from the same weights (older than its manifest, ``model.onnx`` intact)
-    is kept."""
+    is kept. ``int8_format`` is the export's INT8 form (``auto``: the fastest exact on this CPU)."""
     from obert_modifiers.deployment import DeploymentManifest, read_manifest_if_any, sha256_file
     from obert_modifiers.export import ExportResult, export_deployment
 
@@ -243,7 +250,11 @@ def export(model_dir: Path, target: Path, reuse: bool = False):
         newer = all(written > f.stat().st_mtime for f in weights)
         recorded = manifest.onnx_sha256
         intact = recorded is None or recorded == sha256_file(target / "model.onnx")
-        same_form = not manifest.quantized or manifest.int8_format == INT8_FORMAT
+        choice = manifest.int8_choice or {}
+        form = (
+            choice.get("requested", manifest.int8_format) if int8_format == "auto" else manifest.int8_format
+        )
+        same_form = not manifest.quantized or form == int8_format
         if manifest.source_model == str(model_dir) and weights and newer and intact and same_form:
             return ExportResult(
                 path=target,
@@ -254,9 +265,7 @@ def export(model_dir: Path, target: Path, reuse: bool = False):
                 onnx_bytes=(target / "model.onnx").stat().st_size,
                 num_layers=manifest.num_layers or 0,
             )
-    return export_deployment(
-        model_dir, target, sequence_length=128, overwrite=True, int8_format=INT8_FORMAT
-    )
+    return export_deployment(model_dir, target, sequence_length=128, overwrite=True, int8_format=int8_format)
 
 
 def fp32_twin(model_dir: Path, out: Path) -> Path:

@@ -47,6 +47,8 @@ __all__ = [
     "deepsparse_shape_override_inplace",
     "recipe_structure",
     "structure_config",
+    "empty_weight_sparsity",
+    "ziplm_resume",
 ]
 
 DISABLE_ENV = "OBERT_COMPAT_DISABLE"
@@ -55,11 +57,11 @@ METRICS_DIR = Path(__file__).resolve().parent / "_metric_scripts"
 BUNDLED_METRICS = ("accuracy", "seqeval", "squad", "squad_v2", "glue")
 
 
-
 def _logger():  # logging is imported on first use: this module is imported at every interpreter start
     import logging
 
     return logging.getLogger(__name__)
+
 
 # attribute on a patched function: the fixes applied to it, so each applies once
 _PATCHED = "_obert_compat_fixes"
@@ -649,6 +651,63 @@ def structure_config(module: ModuleType) -> None:
     cls.init_weights = init_weights
 
 
+def empty_weight_sparsity(module: ModuleType) -> None:
+    """Shrunk models: SparseML's end-of-training sparsity report counts a removed block as 0 % sparse.
+
+    Without it: a stock training run in which ``!ZipLMPruningModifier`` removed a whole attention or
+    FFN block trains to the end and then fails in SparseML's ``log_model_sparsification`` with
+    ``ValueError: cannot convert float NaN to integer``: the removed block keeps its zero-width
+    linears (so parameter names stay), and ``tensor_sparsity`` of an empty weight is ``0 / 0``.
+    The model is not saved.
+
+    Patch: ``tensor_sparsity`` as ``sparseml.pytorch.utils.sparsification`` (the module behind
+    ``ModuleSparsificationInfo``) calls it returns 0 for an empty tensor; other tensors as before.
+    """
+    original = module.tensor_sparsity
+    if _patched(original, "empty_weight_sparsity"):
+        return
+
+    @functools.wraps(original)
+    def tensor_sparsity(tens: Any, dim: Any = None) -> Any:
+        if dim is None and tens.numel() == 0:
+            return tens.new_zeros(()).float()
+        return original(tens, dim)
+
+    _mark(tensor_sparsity, original, "empty_weight_sparsity")
+    module.tensor_sparsity = tensor_sparsity
+
+
+def ziplm_resume(module: ModuleType) -> None:
+    """Structured pruning: ``--resume_from_checkpoint`` between two ``!ZipLMPruningModifier`` steps.
+
+    Without it: the stock training scripts build the starting (dense) model, and resuming from a
+    checkpoint saved after a ZipLM step fails with ``size mismatch for
+    bert.encoder.layer.1.intermediate.dense.weight``; and the run's recipe would take the pruning
+    steps again from the first.
+
+    Patch: ``RecipeManagerTrainerInterface.apply_manager(epoch, checkpoint)`` (called with the
+    checkpoint before the recipe is applied and the weights reloaded) first gives the model the
+    checkpoint's recorded shapes and each ZipLM modifier the checkpoint's recorded structure and
+    steps taken (``obert_modifiers.modifiers.ziplm.resume_structure``), so the run continues with the
+    next step and ends as the uninterrupted run does.
+    """
+    cls = module.RecipeManagerTrainerInterface
+    original = cls.apply_manager
+    if _patched(original, "ziplm_resume"):
+        return
+
+    @functools.wraps(original)
+    def apply_manager(self: Any, epoch: float, checkpoint: Any) -> bool:
+        if checkpoint and self.manager is not None and not self.manager_applied:
+            from obert_modifiers.modifiers.ziplm import resume_structure
+
+            resume_structure(self.model, self.manager, checkpoint)
+        return original(self, epoch, checkpoint)
+
+    _mark(apply_manager, original, "ziplm_resume")
+    cls.apply_manager = apply_manager
+
+
 def _recipe_source(file_path: Any, text: str) -> tuple[str, int]:
     """(the file a recipe text came from, or 'recipe', and the line of the text in that file)."""
     path = getattr(file_path, "path", file_path)  # a sparsezoo File
@@ -738,6 +797,8 @@ FIXES: dict[str, Fix] = {
         ),
         Fix("recipe_structure", recipe_structure, ("sparseml.optim.helpers",)),
         Fix("structure_config", structure_config, ("transformers.modeling_utils",), standalone=True),
+        Fix("empty_weight_sparsity", empty_weight_sparsity, ("sparseml.pytorch.utils.sparsification",)),
+        Fix("ziplm_resume", ziplm_resume, ("sparseml.transformers.sparsification.trainer",)),
     )
 }
 

@@ -151,6 +151,7 @@ def _step_evaluate(run: DemoRun) -> None:
 def _step_export(run: DemoRun) -> None:
     from rich.progress import Progress
 
+    from obert_modifiers.deployment import DeploymentManifest
     from obert_modifiers.runs.evaluate import onnx_accuracy
 
     run.rule("export")
@@ -163,6 +164,8 @@ def _step_export(run: DemoRun) -> None:
             on_batch=lambda done, total: progress.update(task, completed=done, total=total),
         )  # fmt: skip
     run.results.update(export=export, onnx_accuracy=accuracy, onnx_gzip=gzip_bytes(onnx_path))
+    structure = DeploymentManifest.read(export.path).structure
+    run.results["structure"] = structure.model_dump() if structure else None
     run.console.print(
         f"{export.path}: model.onnx {_mb(export.onnx_bytes)} (gzip {_mb(run.results['onnx_gzip'])}), "
         f"ONNX-vs-PyTorch max |diff| {export.max_abs_diff:.2e}, ONNX Runtime test accuracy {accuracy:.4f}"
@@ -197,7 +200,11 @@ def _step_hub(run: DemoRun) -> None:
 
     run.rule("publish to a local hub and pull back by stub")
     export = run.results["export"]
-    stub = demo_stub(run.dataset, run.results["sparsity"]["encoder_linear"], export.quantized, run.quick)
+    structure = run.results.get("structure") or {}
+    stub = demo_stub(
+        run.dataset, run.results["sparsity"]["encoder_linear"], export.quantized, run.quick,
+        speedup=structure.get("target_speedup"),
+    )  # fmt: skip
     try:
         hub = zoo.roundtrip(
             export.path, stub, run.work / "hub", training=run.results["model_dir"], progress=False,
@@ -248,16 +255,35 @@ def run_demo(
     started = time.perf_counter()
     with staged_dir(out_dir, overwrite=True) as work:
         run = DemoRun(_console(console), work, dataset, recipe_path, quick, settings, tuple(engines))
-        with third_party_logs(work / "demo.log"):
-            for name, step in STEPS:
-                t0 = time.perf_counter()
-                step(run)
-                run.timings[name] = round(time.perf_counter() - t0, 1)
+        try:
+            with third_party_logs(work / "demo.log"):
+                for name, step in STEPS:
+                    t0 = time.perf_counter()
+                    step(run)
+                    run.timings[name] = round(time.perf_counter() - t0, 1)
+        except DemoError as error:
+            raise DemoError(_keep_logs(str(error), work, out_dir)) from None
         run.timings["total"] = round(time.perf_counter() - started, 1)
         summary = _summary(run)
         (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print_summary(summary, out_dir, run.console)
     return summary
+
+
+def _keep_logs(message: str, work: Path, out_dir: Path) -> str:
+    """A failed run's staging folder is removed (nothing half-built is left looking complete), but its
+    logs are what the error points to: they move to ``<out>.failed-logs/`` (replacing an older one)
+    and the message names them there."""
+    logs = [p for p in (work / "train.log", work / "demo.log") if p.is_file()]
+    if not logs:
+        return message
+    kept = out_dir.parent / f"{out_dir.name}.failed-logs"
+    shutil.rmtree(kept, ignore_errors=True)
+    kept.mkdir(parents=True, exist_ok=True)
+    for path in logs:
+        shutil.move(str(path), kept / path.name)
+    text = message.replace(str(work), str(kept))
+    return text if str(kept) in text else f"{text} (logs: {kept})"
 
 
 def _console(console: Any) -> Any:
@@ -346,13 +372,18 @@ def gzip_bytes(path: Path) -> int:
         return len(gzip.compress(handle.read(), compresslevel=6))
 
 
-def demo_stub(dataset: str, sparsity: float, quantized: bool, quick: bool) -> str:
+def demo_stub(
+    dataset: str, sparsity: float, quantized: bool, quick: bool, speedup: float | None = None
+) -> str:
     """The SparseZoo-style stub the demo publishes under, e.g.
-    ``zoo:nlp/text_classification/minilm-l6/pytorch/huggingface/rotten_tomatoes/pruned80_quant-none``."""
+    ``zoo:nlp/text_classification/minilm-l6/pytorch/huggingface/rotten_tomatoes/structured3x_quant-none``
+    (structured pruning to a 3x target, INT8) or ``.../pruned80_quant-none`` (80 % sparse, INT8)."""
     architecture = "tiny_bert-test" if quick else "minilm-l6"
     data = {"rt": "rotten_tomatoes", "bbc": "bbc_news"}[dataset]
     percent = int(round(sparsity * 100))
-    tag = (f"pruned{percent}" if percent else "base") + ("_quant" if quantized else "")
+    parts = [f"structured{speedup:g}x"] if speedup else []
+    parts += [f"pruned{percent}"] if percent else ([] if parts else ["base"])
+    tag = "_".join(parts) + ("_quant" if quantized else "")
     return f"zoo:nlp/text_classification/{architecture}/pytorch/huggingface/{data}/{tag}-none"
 
 
@@ -379,6 +410,10 @@ def _summary(run: DemoRun) -> dict:
             "majority_class": info["majority_class_test_accuracy"],
         },
         "sparsity": {**results["sparsity"], "export_overall": float(export.sparsity)},
+        # structured pruning (!ZipLMPruningModifier): per-layer heads / FFN neurons kept and the
+        # latency table's prediction, as export.json records them (None: not shrunk)
+        "structure": results.get("structure"),
+        "num_parameters": export.num_parameters,
         "quantized": bool(export.quantized),
         "size_bytes": {
             "base_model_weights": source_bytes,
@@ -411,6 +446,41 @@ def _summary(run: DemoRun) -> dict:
 
 def _mb(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e6:.1f} MB"
+
+
+def structure_rows(structure: dict, num_parameters: int | None) -> list[tuple[str, str, str]]:
+    """Summary rows of a structurally pruned model: what it kept per layer and what the latency table
+    predicted (the measured figures are the latency rows)."""
+    heads, ffn = structure["heads"], structure["ffn"]
+    rows = [
+        (
+            "structure: heads kept",
+            f"{sum(heads)}",
+            "per layer "
+            + " ".join(map(str, heads))
+            + (f"; {num_parameters / 1e6:.1f} M parameters" if num_parameters else ""),
+        ),
+        ("structure: FFN neurons kept", f"{sum(ffn)}", "per layer " + " ".join(map(str, ffn))),
+    ]
+    if structure.get("predicted_speedup"):
+        key = structure.get("latency_key") or {}
+        setting = ", ".join(
+            f"{k.replace('_', ' ')} {key[k]}"
+            for k in ("runtime", "precision", "threads", "batch_size", "sequence_length")
+            if k in key
+        )
+        rows.append(
+            (
+                "predicted speed-up",
+                f"{structure['predicted_speedup']:.2f}x",
+                f"target {structure.get('target_speedup', 0):g}x over the dense model at the same precision; "
+                f"{structure.get('predicted_latency', 0):.2f} vs {structure.get('dense_latency', 0):.2f} "
+                f"{structure.get('unit') or ''} in the latency table ({setting})",
+            )
+        )
+    return rows
+
+
 def print_summary(summary: dict, out_dir: Path, console: Any) -> None:
     from rich.table import Table
 
@@ -430,12 +500,16 @@ def print_summary(summary: dict, out_dir: Path, console: Any) -> None:
     )
     if acc.get("validation") is not None:
         table.add_row("validation accuracy", f"{acc['validation']:.4f}", "stock script's --do_eval")
-    sparsity = summary["sparsity"]
-    table.add_row(
-        "sparsity, encoder linear weights",
-        f"{sparsity['encoder_linear']:.1%}",
-        f"all parameters {sparsity['all_parameters']:.1%}",
-    )
+    sparsity, structure = summary["sparsity"], summary.get("structure")
+    if structure:
+        for name, value, note in structure_rows(structure, summary.get("num_parameters")):
+            table.add_row(name, value, note)
+    if sparsity["encoder_linear"] > 0 or not structure:
+        table.add_row(
+            "sparsity, encoder linear weights",
+            f"{sparsity['encoder_linear']:.1%}",
+            f"all parameters {sparsity['all_parameters']:.1%}",
+        )
     table.add_row("quantized (INT8)", "yes" if summary["quantized"] else "no", "")
     table.add_row("size: model.onnx", _mb(size["onnx"]), f"gzip {_mb(size['onnx_gzip'])}")
     table.add_row("size: base model weights", _mb(size["base_model_weights"]), "before training")

@@ -4,22 +4,25 @@
 of a BERT-shaped model for one deployment setting (threads, batch, sequence length, precision),
 cached on disk under its key, so the search meets speed-up targets on the runtime users ship.
 
-Measured tables time small ONNX graphs, exported from the same modules (and stand-ins) that
-:mod:`~obert_modifiers.algorithms.shrink` leaves in a shrunk model:
+Measured tables time whole models of the key's shape (exported from the same modules and stand-ins
+that :mod:`~obert_modifiers.algorithms.shrink` leaves in a shrunk model), every layer shrunk alike:
 
-* one attention block with ``k`` heads, ``k = 0..heads`` (0 = the removed-block stand-in);
-* one FFN block with ``n`` neurons on a grid (``ffn_step``) from 0 to the full width;
-* the whole model with every block removed (the ``base``: embeddings, residual LayerNorms, pooler)
-  and the whole dense model (kept in ``meta`` to check the table's prediction);
+* ``k`` heads in every attention block, ``k = 0..heads`` (0 = the removed-block stand-in), FFNs dense;
+* ``n`` neurons in every FFN on a grid (``ffn_step``) from 0 to the full width, attention dense;
+* the dense model;
 
-in interleaved rounds (every graph once per round, median of the rounds), because a table measured
-at another time or load than the models it predicts is badly off. A block's entry is its time
-minus the removed block's, so the per-call overhead of a separate session cancels and ``base``
-holds the stand-ins' LayerNorms once. ``flops_table`` is the no-runtime alternative (MMACs).
+in interleaved rounds (every model once per round, median of the rounds), because a table measured
+at another time or load than the models it predicts is badly off. A layer's attention entry is the
+model's time over the all-removed variant's, divided by the depth (likewise FFN); ``base`` is what is
+left of the dense model's time, so the table predicts the dense model exactly. Blocks are timed in a
+model, where they run: timed as graphs of their own, they added up to 1.3-3.5x the dense model's time
+(measured here; each small session pays ORT's thread-pool hand-offs again). Tables cached by the older
+method are measured again. ``flops_table`` is the no-runtime alternative (MMACs).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import statistics
@@ -48,6 +51,7 @@ __all__ = [
 
 RUNTIMES = ("onnxruntime", "flops")
 OPSET = 17
+METHOD = "in-model"  # how measured tables time blocks (a cached table by another method is re-measured)
 
 
 class LatencyTableError(ObertError, RuntimeError):
@@ -168,6 +172,16 @@ def table_cache_path(
 # --- graphs -------------------------------------------------------------------------------------------
 
 
+def _monotone(entries: dict[int, float]) -> dict[int, float]:
+    """Entries made non-decreasing in the kept count (a running maximum): timing noise must not make
+    a wider block look cheaper than a narrower one, which the search would exploit."""
+    out, running = {}, 0.0
+    for kept in sorted(entries):
+        running = max(running, entries[kept])
+        out[kept] = running
+    return out
+
+
 def _bert_config(key: LatencyKey):
     from transformers import BertConfig
 
@@ -182,65 +196,37 @@ def _bert_config(key: LatencyKey):
 
 
 def _graphs(key: LatencyKey, grid: list[int]) -> list[tuple[str, Any, dict]]:
-    """``(name, module, {input name: example tensor})`` for every graph of the table."""
+    """``(name, model, {input name: example tensor})`` for every graph of the table: whole models of the
+    key's depth, every layer shrunk alike (``attention_k``: ``k`` heads in every layer, FFNs dense;
+    ``ffn_n``: ``n`` neurons in every layer, attention dense; 0 = the removed-block stand-ins) and the
+    dense model. A block is timed where it runs (in a model, between the others), not as a graph of
+    its own: measured, lone blocks added up to 1.3-3.5x the dense model's time (each small session
+    pays ORT's thread-pool hand-offs again), so predicted speed-ups did not come true."""
     import torch
-    from torch import nn
     from transformers import BertModel
-    from transformers.models.bert.modeling_bert import BertAttention, BertIntermediate, BertOutput
 
     from obert_modifiers.algorithms import shrink
 
     config = _bert_config(key)
     heads, width = key.num_attention_heads, key.intermediate_size
-    b, s, h = key.batch_size, key.sequence_length, key.hidden_size
-    hidden = torch.randn(b, s, h)
-    mask = torch.zeros(b, 1, 1, s)  # the additive mask BertModel hands its layers
-
-    class Attention(nn.Module):
-        def __init__(self, block):
-            super().__init__()
-            self.block = block
-
-        def forward(self, hidden_states, attention_mask):
-            return self.block(hidden_states, attention_mask)[0]
-
-    class FeedForward(nn.Module):
-        def __init__(self, intermediate, output):
-            super().__init__()
-            self.intermediate, self.output = intermediate, output
-
-        def forward(self, hidden_states):
-            return self.output(self.intermediate(hidden_states), hidden_states)
-
-    graphs: list[tuple[str, Any, dict]] = []
-    torch.manual_seed(0)
-    for k in range(heads + 1):
-        block = BertAttention(config)
-        block.prune_heads(list(range(k, heads)))
-        if k == 0:
-            block = shrink.RemovedAttention(block)
-        inputs = {"hidden_states": hidden, "attention_mask": mask}
-        graphs.append((f"attention_{k}", Attention(block).eval(), inputs))
-    for n in grid:
-        intermediate, output = BertIntermediate(config), BertOutput(config)
-        if n < width:
-            keep = torch.arange(n)
-            from transformers.pytorch_utils import prune_linear_layer
-
-            intermediate.dense = prune_linear_layer(intermediate.dense, keep, dim=0)
-            output.dense = prune_linear_layer(output.dense, keep, dim=1)
-        if n == 0:
-            intermediate, output = shrink.RemovedIntermediate(intermediate), shrink.RemovedOutput(output)
-        graphs.append((f"ffn_{n}", FeedForward(intermediate, output).eval(), {"hidden_states": hidden}))
-    ids = torch.randint(0, config.vocab_size, (b, s))
-    attention_mask = torch.ones(b, s, dtype=torch.long)
-    dense = BertModel(config).eval()
-    empty = BertModel(config).eval()
+    b, s = key.batch_size, key.sequence_length
     layers = range(key.num_hidden_layers)
-    shrink.shrink_model(empty, dict.fromkeys(layers, []), dict.fromkeys(layers, []))
-    model_inputs = {"input_ids": ids, "attention_mask": attention_mask}
-    graphs.append(("base", empty, model_inputs))
-    graphs.append(("dense", dense, model_inputs))
+    ids = torch.randint(0, config.vocab_size, (b, s), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones(b, s, dtype=torch.long)}
+
+    def model(heads_kept: int | None = None, ffn_kept: int | None = None):
+        torch.manual_seed(0)
+        built = BertModel(copy.deepcopy(config)).eval()  # a shrink records itself in the config
+        shrink.shrink_model(
+            built,
+            {layer: list(range(heads_kept)) for layer in layers} if heads_kept is not None else None,
+            {layer: list(range(ffn_kept)) for layer in layers} if ffn_kept is not None else None,
+        )
+        return built
+
+    graphs: list[tuple[str, Any, dict]] = [("dense", model(), inputs)]
+    graphs += [(f"attention_{k}", model(heads_kept=k), inputs) for k in range(heads)]
+    graphs += [(f"ffn_{n}", model(ffn_kept=n), inputs) for n in grid if n < width]
     return graphs
 
 
@@ -305,25 +291,25 @@ def measure_latency_table(
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
         graphs = _graphs(key, grid)
     with tempfile.TemporaryDirectory(prefix="obert-latency-") as tmp:
-        sessions = {}
-        feeds = {}
+        paths, feeds = {}, {}
         with _progress(len(graphs), "latency table: export", progress) as bar:
             for name, module, inputs in graphs:
                 path = Path(tmp) / f"{name}.onnx"
                 _export(module, inputs, path)
                 if key.precision == "int8":
                     _quantize(path)
-                session = _session(path, key.threads)
-                sessions[name] = session
-                # a stand-in ignores the mask, and the exporter drops unused inputs
-                feeds[name] = {arg.name: inputs[arg.name].numpy() for arg in session.get_inputs()}
+                paths[name] = path
+                feeds[name] = {k: v.numpy() for k, v in inputs.items()}
                 bar.update(1)
+        del graphs
         exported = time.monotonic() - started
-        per_round: dict[str, list[float]] = {name: [] for name in sessions}
-        with _progress(len(sessions) * rounds, "latency table: timing", progress) as bar:
+        per_round: dict[str, list[float]] = {name: [] for name in paths}
+        with _progress(len(paths) * rounds, "latency table: timing", progress) as bar:
             for _ in range(rounds):
-                for name, session in sessions.items():
-                    feed = feeds[name]
+                for name, path in paths.items():
+                    session = _session(path, key.threads)  # one model in memory at a time
+                    # a stand-in ignores the mask, and the exporter drops unused inputs
+                    feed = {arg.name: feeds[name][arg.name] for arg in session.get_inputs()}
                     for _ in range(warmup):
                         session.run(None, feed)
                     times = []
@@ -332,14 +318,20 @@ def measure_latency_table(
                         session.run(None, feed)
                         times.append((clock() - t0) * 1e3)
                     per_round[name].append(statistics.median(times))
+                    del session
                     bar.update(1)
     ms = {name: statistics.median(values) for name, values in per_round.items()}
+    depth, heads, width = key.num_hidden_layers, key.num_attention_heads, key.intermediate_size
+    ms[f"attention_{heads}"] = ms[f"ffn_{width}"] = ms["dense"]
     attention0, ffn0 = ms["attention_0"], ms["ffn_0"]
-    attention = {k: max(0.0, ms[f"attention_{k}"] - attention0) for k in range(key.num_attention_heads + 1)}
-    ffn = {n: max(0.0, ms[f"ffn_{n}"] - ffn0) for n in grid}
+    # per layer: the whole model's time over its all-removed variant, shared by the layers
+    attention = {k: max(0.0, (ms[f"attention_{k}"] - attention0) / depth) for k in range(heads + 1)}
+    ffn = {n: max(0.0, (ms[f"ffn_{n}"] - ffn0) / depth) for n in grid}
+    attention, ffn = _monotone(attention), _monotone(ffn)
+    base = max(0.0, ms["dense"] - depth * (attention[heads] + ffn[width]))
     table = LatencyTable(
         key=key,
-        base=ms["base"],
+        base=base,
         attention=attention,
         ffn=ffn,
         unit="ms",
@@ -350,7 +342,9 @@ def measure_latency_table(
             "runs": runs,
             "warmup": warmup,
             "dense_measured": ms["dense"],
+            # the whole model with every attention block removed, and with every FFN removed
             "removed_blocks_ms": {"attention": attention0, "ffn": ffn0},
+            "method": METHOD,
             "cpu_flags": cpu_flags(),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "export_s": round(exported, 2),
@@ -408,7 +402,7 @@ def latency_table(
             cached = LatencyTable.from_json(path.read_text(encoding="utf-8"), source=str(path))
         except LatencySearchError as exc:
             raise LatencyTableError(f"{exc}; delete the file or pass refresh=True to re-measure") from None
-        if cached.key == key and sorted(cached.ffn) == grid:
+        if cached.key == key and sorted(cached.ffn) == grid and cached.meta.get("method") == METHOD:
             return cached
     table = measure_latency_table(key, ffn_step=ffn_step, progress=progress, **measure)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,7 @@ __all__ = [
     "OBertDistillationParams",
     "ZipLMPruningParams",
     "ZIPLM_STRUCTURES",
+    "ZIPLM_ALLOCATIONS",
     "LATENCY_RUNTIMES",
     "PARAMS",
     "describe",
@@ -60,6 +61,7 @@ INTERPOLATIONS = ("linear", "cubic", "inverse_cubic")
 WEIGHT_STRATEGIES = ("tensor", "channel")
 LAYER_DROP_STRATEGIES = ("uniform", "importance")
 ZIPLM_STRUCTURES = ("heads", "ffn_neurons", "attention_blocks", "ffn_blocks")
+ZIPLM_ALLOCATIONS = ("search", "uniform")
 LATENCY_RUNTIMES = ("onnxruntime", "flops")  # obert_modifiers.latency measures ORT; DeepSparse not yet
 LATENCY_PRECISIONS = ("fp32", "int8")
 _NAMES = "a list of names or 're:' patterns"
@@ -521,6 +523,14 @@ class ZipLMPruningParams(RecipeParams):
     calibration_batch_size: int = key(32, ge=1, doc="batch size of the calibration forward passes")
     damp: float = key(0.01, ge=0.0, doc="relative dampening: H + damp * mean(diag H) * I")
     ffn_chunk: int = key(16, ge=1, doc="FFN neurons removed jointly per OBS update (1: exact greedy)")
+    allocation: Literal[ZIPLM_ALLOCATIONS] = key(
+        "search",
+        doc="how much each layer keeps: search (per-layer, the latency-table search) or uniform (the same "
+        "heads and FFN width in every layer, the least-error one that meets the target; an ablation)",
+    )
+    weight_update: bool = key(
+        True, doc="apply the OBS update to the kept weights (false: only remove; an ablation)"
+    )
     latency_runtime: Literal[LATENCY_RUNTIMES] = key(
         "onnxruntime", doc="latency table source: onnxruntime (measured, cached) or flops (counted)"
     )

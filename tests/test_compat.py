@@ -602,3 +602,67 @@ def test_analytics_disabled_by_default_in_every_process():
         "import os; print(os.environ.get('NM_DISABLE_ANALYTICS'))", env={**env, "OBERT_ALLOW_ANALYTICS": "1"}
     )
     assert opted_in.stdout.strip() == "None"
+
+
+@pytest.mark.integration
+def test_empty_weight_sparsity(tmp_path):
+    """SparseML's end-of-training sparsity report on a model with a removed block (zero-width
+    linears kept for their names): NaN -> ValueError without the fix, a number with it."""
+    from obert_modifiers.algorithms.shrink import save_shrunk_model, shrink_model
+    from obert_modifiers.models import save_tiny_bert
+
+    folder = save_tiny_bert(tmp_path / "tiny", num_labels=2)
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    model = BertForSequenceClassification.from_pretrained(folder)
+    shrink_model(model, heads={0: []}, ffn={1: []})
+    out = save_shrunk_model(model, tmp_path / "shrunk", tokenizer=AutoTokenizer.from_pretrained(folder))
+    code = (
+        "import sys\nimport sparseml.pytorch.sparsification  # noqa: F401\n"
+        "from sparseml.pytorch.utils.sparsification import ModuleSparsificationInfo\n"
+        "from transformers import AutoModelForSequenceClassification as M\n"
+        "info = ModuleSparsificationInfo(M.from_pretrained(sys.argv[1]))\n"
+        "try:\n    print('PERCENT', info.params_prunable_sparse_percent, info.params_sparse_percent)\n"
+        "except Exception as e:\n    print('FAILED', type(e).__name__, e)\n"
+    )
+    without = run_python(code, out, env=offline_env(**{compat.DISABLE_ENV: "empty_weight_sparsity"}))
+    assert "FAILED ValueError cannot convert float NaN to integer" in without.stdout, (
+        without.stdout + without.stderr
+    )
+    with_fix = run_python(code, out, env=offline_env(**{compat.DISABLE_ENV: ""}))
+    assert "PERCENT" in with_fix.stdout, with_fix.stdout + with_fix.stderr
+    percent, overall = map(float, with_fix.stdout.split("PERCENT", 1)[1].split())
+    assert 0.0 <= percent < 1.0 and 0.0 <= overall < 1.0  # a dense (shrunk) model: ~0 % zeros
+
+
+@pytest.mark.integration
+def test_ziplm_resume(tmp_path, tiny_bert_dir, bbc_data_dir):
+    """--resume_from_checkpoint after a !ZipLMPruningModifier step: without the fix the stock command
+    builds the dense model and cannot load the shrunk checkpoint (size mismatch); with it the run
+    resumes (tests/test_resume.py shows it then ends as the uninterrupted run, weight for weight)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    subset_csv(bbc_data_dir / "train.csv", data / "train.csv", 64)
+    subset_csv(bbc_data_dir / "validation.csv", data / "validation.csv", 16)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "modifiers:\n  - !EpochRangeModifier\n    start_epoch: 0.0\n    end_epoch: 1.5\n"
+        "  - !ZipLMPruningModifier\n    start_epoch: 0.5\n    update_frequency: 0.5\n"
+        "    speedup_targets: [1.5, 2.0]\n    num_calibration_samples: 16\n    calibration_batch_size: 8\n"
+        "    latency_runtime: flops\n    latency_sequence_length: 32\n"
+    )
+    flags = ("--save_safetensors", "False", "--seed", "7", "--save_strategy", "steps", "--save_steps", "4")
+
+    def train(out: Path, *extra: str) -> list[str]:
+        return stock_train_command(tiny_bert_dir, data, out, recipe, *flags, *extra, max_seq_length=32)
+
+    check(run(train(tmp_path / "full"), _env(tmp_path), cwd=tmp_path), "training to checkpoint-4")
+    checkpoint = tmp_path / "full" / "checkpoint-4"  # after the first ZipLM step (epoch 0.5, step 3)
+    assert json.loads((checkpoint / "config.json").read_text())["obert_ziplm"]["target_speedup"] == 1.5
+    resume = ("--resume_from_checkpoint", str(checkpoint))
+    without = run(train(tmp_path / "without", *resume), _env(tmp_path, "ziplm_resume"), cwd=tmp_path)
+    assert without.returncode != 0 and "size mismatch" in without.stdout + without.stderr
+    with_fix = run(train(tmp_path / "with", *resume), _env(tmp_path), cwd=tmp_path)
+    check(with_fix, "resumed run")
+    config = json.loads((tmp_path / "with" / "config.json").read_text())
+    assert config["obert_ziplm"]["target_speedup"] == 2.0  # the second step came after the resume

@@ -21,6 +21,14 @@ def _env(tmp_path: Path) -> dict:
     return env
 
 
+def _dense_parameters(config: dict) -> int:
+    """Parameters of the dense BERT classifier ``config`` describes (before any shrink)."""
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    dense = {k: v for k, v in config.items() if not k.startswith("obert_") and k != "pruned_heads"}
+    return AutoModelForSequenceClassification.from_config(BertConfig(**dense)).num_parameters()
+
+
 @pytest.mark.integration
 def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "demo"
@@ -34,9 +42,15 @@ def test_demo_quick_end_to_end(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
-    # recipes/demo.yaml: !OBertPruningModifier to final_sparsity (0.8), then !OBertQuantizationModifier
-    assert summary["sparsity"]["encoder_linear"] == pytest.approx(0.8, abs=0.01)
-    assert summary["sparsity"]["export_overall"] > 0.5
+    # recipes/demo.yaml: !ZipLMPruningModifier to 2x then 3x (ORT INT8 latency table), then QAT
+    structure = summary["structure"]
+    config = json.loads((out / "model" / "config.json").read_text())
+    dense_heads = config["num_attention_heads"] * config["num_hidden_layers"]
+    assert structure["heads"] == config["obert_structure"]["heads"] and sum(structure["heads"]) < dense_heads
+    assert structure["target_speedup"] == 3.0 and structure["predicted_speedup"] >= 3.0 - 1e-9
+    assert structure["latency_key"]["runtime"] == "onnxruntime"
+    assert structure["latency_key"]["precision"] == "int8"
+    assert summary["num_parameters"] < _dense_parameters(config)  # tiny BERT: mostly embeddings
     assert summary["quantized"] is True
     # the exported ONNX file is the trained model: same test predictions, within truncation noise
     accuracy = summary["accuracy"]
@@ -52,13 +66,14 @@ def test_demo_quick_end_to_end(tmp_path):
     assert (out / "dense-deployment" / "model.onnx").is_file()
     # published to a loopback hub with a card, pulled back by stub (sha256 checked by the round trip)
     stub = summary["hub"]["stub"]
-    assert stub.endswith("/rotten_tomatoes/pruned80_quant-none") and summary["hub"]["files"] > 5
+    assert stub.endswith("/rotten_tomatoes/structured3x_quant-none") and summary["hub"]["files"] > 5
     assert (out / summary["hub"]["pulled"] / "config.json").is_file()
     assert (out / "deployment" / "model.onnx").is_file()
     assert not (out / "model" / "optimizer.pt").exists()
     assert not any(p.name.startswith(".demo") for p in tmp_path.iterdir())  # staging folder renamed
     assert "latency: onnxruntime" in result.stdout and "test accuracy (PyTorch)" in result.stdout
     assert "hub round trip" in result.stdout
+    assert "structure: heads kept" in result.stdout and "predicted speed-up" in result.stdout
     # the screen shows the steps, progress and the table; what the libraries log goes to demo.log
     screen = result.stdout + result.stderr
     for noise in ("Transformed", "temporary file", "newly initialized", " INFO "):
@@ -233,3 +248,45 @@ def test_onnx_scoring_copes_with_static_shapes_and_inputs_the_tokenizer_lacks(ti
     test_csv.write_text("sentence,label\n" + rows.replace("x,short", "x,long"))  # one wrong label
     assert onnx_accuracy(deployment, test_csv) == 0.8
     assert onnx_accuracy(deployment, test_csv, max_rows=2) == 1.0
+
+
+def test_demo_stub_names_the_structured_target_and_the_sparsity():
+    from obert_modifiers.demo import demo_stub, structure_rows
+    from obert_modifiers.zoo.stubs import parse_stub
+
+    base = "zoo:nlp/text_classification/minilm-l6/pytorch/huggingface/rotten_tomatoes/"
+    assert demo_stub("rt", 0.0, True, False, speedup=3.0) == base + "structured3x_quant-none"
+    assert demo_stub("rt", 0.0, False, False, speedup=2.5) == base + "structured2.5x-none"
+    assert demo_stub("rt", 0.8, True, False) == base + "pruned80_quant-none"
+    assert demo_stub("rt", 0.0, False, False) == base + "base-none"
+    for stub in (demo_stub("rt", 0.0, True, False, speedup=2.5), demo_stub("bbc", 0.5, True, True, 3.0)):
+        parse_stub(stub)  # valid by the hub's grammar
+    rows = structure_rows(
+        {"heads": [5, 7], "ffn": [128, 0], "target_speedup": 3.0, "predicted_speedup": 3.01,
+         "predicted_latency": 7.7, "dense_latency": 23.3, "unit": "ms",
+         "latency_key": {"runtime": "onnxruntime", "precision": "int8", "threads": 2}},
+        14_500_000,
+    )  # fmt: skip
+    assert rows[0][:2] == ("structure: heads kept", "12") and "5 7" in rows[0][2] and "14.5 M" in rows[0][2]
+    assert rows[1][:2] == ("structure: FFN neurons kept", "128") and "128 0" in rows[1][2]
+    assert rows[2][:2] == ("predicted speed-up", "3.01x") and "runtime onnxruntime" in rows[2][2]
+
+
+def test_a_failed_demo_keeps_its_logs_where_the_error_says(tmp_path):
+    from obert_modifiers.demo import _keep_logs
+
+    out = tmp_path / "runs" / "demo"
+    work = tmp_path / "runs" / ".demo.tmp-abc"
+    work.mkdir(parents=True)
+    (work / "train.log").write_text("Traceback: the stock script failed\n")
+    (work / "demo.log").write_text("library lines\n")
+    message = _keep_logs(f"training failed (exit 1); log: {work / 'train.log'}", work, out)
+    kept = tmp_path / "runs" / "demo.failed-logs"
+    assert message == f"training failed (exit 1); log: {kept / 'train.log'}"
+    assert (kept / "train.log").read_text() == "Traceback: the stock script failed\n"
+    assert (kept / "demo.log").is_file() and not out.exists()
+    # an error that names no log still says where the logs went; no logs: the message as it was
+    (work / "demo.log").write_text("again\n")
+    assert _keep_logs("export failed", work, out) == f"export failed (logs: {kept})"
+    assert sorted(p.name for p in kept.iterdir()) == ["demo.log"]  # the older folder was replaced
+    assert _keep_logs("data failed", work, out) == "data failed"

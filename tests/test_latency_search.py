@@ -175,3 +175,48 @@ def test_search_structure_reaches_the_target_with_the_least_error():
     message = "speed-up 20 is out of reach: the smallest reachable latency is 1.4 ms .*at most 10.1x"
     with pytest.raises(ls.LatencySearchError, match=message):
         ls.search_structure(table, attention_errors, ffn_errors, 20.0)
+
+
+# ------------------------------------------------------------------------------ uniform width (ablation)
+def _brute_uniform(table, attention_errors, ffn_errors, speedup):
+    layers = len(attention_errors)
+    budget = table.budget(speedup, layers)
+    best = None
+    for h in set.intersection(*(set(e) for e in attention_errors)):
+        for n in set.intersection(*(set(e) for e in ffn_errors)):
+            t = table.predict([h] * layers, [n] * layers)
+            err = sum(e[h] for e in attention_errors) + sum(e[n] for e in ffn_errors)
+            if t <= budget and (best is None or (err, t) < best[:2]):
+                best = (err, t, h, n)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_uniform_search_equals_enumeration_keeps_one_width_and_never_exceeds_the_budget(seed):
+    rng = random.Random(seed)
+    table = _table()
+    layers = table.key.num_hidden_layers
+    attention = [{k: (4 - k) * rng.uniform(0.5, 2.0) for k in range(5)} for _ in range(layers)]
+    ffn = [{n: (64 - n) * rng.uniform(0.1, 1.0) for n in (0, 32, 64)} for _ in range(layers)]
+    speedup = rng.uniform(1.1, 2.5)
+    expected = _brute_uniform(table, attention, ffn, speedup)
+    if expected is None:
+        with pytest.raises(ls.LatencySearchError, match="same width in every layer"):
+            ls.search_uniform(table, attention, ffn, speedup)
+        return
+    choice = ls.search_uniform(table, attention, ffn, speedup)
+    assert len(set(choice.heads)) == 1 and len(set(choice.ffn)) == 1
+    assert (choice.heads[0], choice.ffn[0]) == expected[2:]
+    assert choice.error == pytest.approx(expected[0])
+    assert choice.predicted <= table.budget(speedup, layers) + 1e-12
+    # the per-layer search is never worse at the same budget: it may pick the uniform answer
+    assert ls.search_structure(table, attention, ffn, speedup).error <= choice.error + 1e-9
+
+
+def test_uniform_search_refuses_mismatched_databases_and_names_the_reachable_minimum():
+    table = _table()
+    with pytest.raises(ls.LatencySearchError, match="2 attention databases but 1 FFN"):
+        ls.search_uniform(table, [{4: 0.0}, {4: 0.0}], [{64: 0.0}], 1.5)
+    layers = table.key.num_hidden_layers
+    with pytest.raises(ls.LatencySearchError, match="smallest uniform latency"):
+        ls.search_uniform(table, [{4: 0.0, 3: 1.0}] * layers, [{64: 0.0}] * layers, 3.0)

@@ -208,3 +208,52 @@ def test_pruning_steps_train_on_their_batch(runs):
         assert {int(s["step"]) for s in state.values()} == {TOTAL_STEPS}, folder
         trainer_state = json.loads((folder / "trainer_state.json").read_text())
         assert trainer_state["global_step"] == TOTAL_STEPS
+
+
+# ------------------------------------------------------------------------------ structured pruning
+# ZipLM steps at epochs 0.5 and 1.0 (global steps 3 and 5): checkpoint-4 lies between them, on a model
+# already shrunk once; FLOPs tables (no timing) keep it deterministic
+ZIPLM_RECIPE = """
+modifiers:
+  - !EpochRangeModifier
+    start_epoch: 0.0
+    end_epoch: 2.0
+  - !ZipLMPruningModifier
+    start_epoch: 0.5
+    update_frequency: 0.5
+    speedup_targets: [1.5, 2.0]
+    num_calibration_samples: 16
+    calibration_batch_size: 8
+    latency_runtime: flops
+    latency_sequence_length: 32
+"""
+
+
+@pytest.mark.integration
+def test_a_run_resumed_between_two_structured_pruning_steps_ends_as_the_uninterrupted_one(
+    tmp_path, tiny_bert_dir, bbc_data_dir
+):
+    data = small_data(bbc_data_dir, tmp_path / "data")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(ZIPLM_RECIPE)
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    check(run(command(tiny_bert_dir, data, full, recipe), offline_env(), cwd=tmp_path), "uninterrupted run")
+    checkpoint = full / "checkpoint-4"
+    between = json.loads((checkpoint / "config.json").read_text())
+    final = json.loads((full / "config.json").read_text())
+    assert between["obert_ziplm"]["target_speedup"] == 1.5 and final["obert_ziplm"]["target_speedup"] == 2.0
+    result = run(
+        command(tiny_bert_dir, data, resumed, recipe, "--resume_from_checkpoint", str(checkpoint)),
+        offline_env(),
+        cwd=tmp_path,
+    )
+    check(result, "resumed run")
+    assert json.loads((resumed / "config.json").read_text())["obert_structure"] == final["obert_structure"]
+    expected, got = weights(full), weights(resumed)
+    assert sorted(expected) == sorted(got)
+    for key, tensor in expected.items():
+        assert torch.equal(tensor, got[key]), key
+    # the family member of the first target, written at the second step, is the same model too
+    for key, tensor in weights(full / "ziplm-1.5x").items():
+        assert torch.equal(tensor, weights(resumed / "ziplm-1.5x")[key]), key
+    assert "steps_done: 2" in (resumed / "recipe.yaml").read_text()

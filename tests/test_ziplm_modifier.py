@@ -330,6 +330,10 @@ def test_stock_command_prunes_to_the_targets_saves_the_family_reloads_and_export
     )  # fmt: skip
     completed = run([BIN / TRAIN_SCRIPT, *args], env=offline_env(), cwd=tmp_path, timeout=600)
     assert completed.returncode == 0, (completed.stdout + completed.stderr)[-6000:]
+    # what each step chose is in the stock command's output, as SparseML's own lines are
+    logged = completed.stdout + completed.stderr
+    assert "!ZipLMPruningModifier step 1: target 1.5x" in logged
+    assert "!ZipLMPruningModifier step 2: target 2x" in logged
 
     config = json.loads((out / "config.json").read_text())
     structure = config["obert_structure"]
@@ -516,3 +520,56 @@ def test_minilm_ziplm_qat_recipe_runs_with_the_stock_command_and_exports(
     assert result.quantized and result.max_abs_diff <= result.tolerance
     info = json.loads((tmp_path / "deployment" / "export.json").read_text())
     assert info["structure"]["target_speedup"] == 2.0 and info["structure"]["predicted_speedup"] >= 2.0 - 1e-3
+
+
+# ------------------------------------------------------------------------------ the two ablations
+def _one_step(tmp_path, extra: str, name: str):
+    from obert_modifiers.algorithms.shrink import read_structure
+
+    _, model = _model(tmp_path, name=name)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    manager = _manager(_recipe([2.0], extra=extra))
+    manager.initialize(model, epoch=0.0, grad_sampler=_sampler(_batches()))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    manager.update(model, optimizer, 0.0, 3)
+    return model, before, read_structure(model)
+
+
+def test_uniform_allocation_keeps_the_same_width_in_every_layer(tmp_path):
+    from obert_modifiers.algorithms.shrink import read_structure
+
+    dense = read_structure(_model(tmp_path, name="dense")[1])
+    model, _, uniform = _one_step(tmp_path, "    allocation: uniform\n", "uniform")
+    assert len(set(uniform["heads"])) == 1 and len(set(uniform["ffn"])) == 1, uniform
+    assert uniform != dense  # it pruned, to the target
+    assert model.config.obert_ziplm["predicted_speedup"] >= 2.0 - 1e-9
+
+
+def test_without_the_weight_update_the_kept_weights_are_the_old_ones_sliced(tmp_path):
+    """weight_update: false keeps every surviving weight as it was; the default changes the output
+    projections (the OBS update compensates for what was removed)."""
+
+    def unchanged_outputs(model, before) -> tuple[int, int]:
+        same = changed = 0
+        for name, param in model.named_parameters():
+            if not name.endswith(("attention.output.dense.weight", ".output.dense.weight")):
+                continue
+            old = before[name]
+            rows = old.shape[0]
+            # the kept input columns of the projection: match each new column to an old one
+            cols = [
+                next((j for j in range(old.shape[1]) if torch.equal(old[:, j], param[:, i])), None)
+                for i in range(param.shape[1])
+            ]
+            if param.shape[0] == rows and all(c is not None for c in cols):
+                same += 1
+            else:
+                changed += 1
+        return same, changed
+
+    model, before, _ = _one_step(tmp_path, "    weight_update: false\n", "plain")
+    same, changed = unchanged_outputs(model, before)
+    assert changed == 0 and same > 0
+    model, before, _ = _one_step(tmp_path, "", "updated")
+    same, changed = unchanged_outputs(model, before)
+    assert changed > 0

@@ -38,6 +38,7 @@ __all__ = [
     "dp_allocate",
     "StructureChoice",
     "search_structure",
+    "search_uniform",
 ]
 
 TABLE_FORMAT = "obert-latency-table/1"
@@ -396,4 +397,48 @@ def search_structure(
         error=allocation.error,
         predicted=table.predict(heads, ffn),
         dense=table.dense(layers),
+    )
+
+
+def search_uniform(
+    table: LatencyTable,
+    attention_errors: Sequence[Mapping[int, float]],
+    ffn_errors: Sequence[Mapping[int, float]],
+    speedup: float,
+) -> StructureChoice:
+    """The uniform-width alternative to :func:`search_structure` (an ablation): every layer keeps the
+    same number of heads ``h`` and FFN neurons ``n``, choosing among the counts every layer offers
+    the pair that reaches ``speedup`` by ``table`` with the least summed error (ties: the faster)."""
+    if len(attention_errors) != len(ffn_errors):
+        raise LatencySearchError(
+            f"search_uniform: {len(attention_errors)} attention databases but {len(ffn_errors)} FFN databases"
+        )
+    layers = len(attention_errors)
+    if not layers:
+        raise LatencySearchError("search_uniform: no layers")
+    budget = table.budget(speedup, layers)
+    heads_options = set.intersection(*(set(e) for e in attention_errors))
+    ffn_options = set.intersection(*(set(e) for e in ffn_errors))
+    best: tuple[float, float, int, int] | None = None
+    for h in heads_options:
+        for n in ffn_options:
+            time = table.predict([h] * layers, [n] * layers)
+            if time > budget:
+                continue
+            error = sum(float(e[h]) for e in attention_errors) + sum(float(e[n]) for e in ffn_errors)
+            if best is None or (error, time) < best[:2]:
+                best = (error, time, h, n)
+    if best is None:
+        fastest = min(
+            (table.predict([h] * layers, [n] * layers) for h in heads_options for n in ffn_options),
+            default=math.inf,
+        )
+        raise LatencySearchError(
+            f"speed-up {speedup:g} is out of reach with the same width in every layer: the smallest "
+            f"uniform latency is {fastest:.6g} {table.unit} against a dense "
+            f"{table.dense(layers):.6g} {table.unit}"
+        )
+    error, time, h, n = best
+    return StructureChoice(
+        heads=[h] * layers, ffn=[n] * layers, error=error, predicted=time, dense=table.dense(layers)
     )

@@ -100,21 +100,24 @@ def databases(layers, hessians, table, structures, damp: float, ffn_chunk: int) 
     return attention, ffn
 
 
-def apply_choice(module: nn.Module, attention: list, ffn: list, choice) -> list[shrink.ParamSlice]:
+def apply_choice(
+    module: nn.Module, attention: list, ffn: list, choice, weight_update: bool = True
+) -> list[shrink.ParamSlice]:
     """Shrink ``module`` to the search's ``choice`` (heads and FFN neurons kept per layer) with the
-    OBS-updated output projections; returns how each replaced parameter maps onto its successor."""
+    OBS-updated output projections (``weight_update=False``: the kept weights as they were, an
+    ablation); returns how each replaced parameter maps onto its successor."""
     heads_keep, ffn_keep, attention_weights, ffn_weights = {}, {}, {}, {}
     for index, (att, kept) in enumerate(zip(attention, choice.heads, strict=True)):
         if kept < att.current:
             level = att.current - kept
             heads_keep[index] = att.db.kept_groups(level)
-            if kept:
+            if kept and weight_update:
                 attention_weights[index] = att.db.weight(level)
     for index, (ff, kept) in enumerate(zip(ffn, choice.ffn, strict=True)):
         if kept < ff.current:
             level = ff.current - kept
             ffn_keep[index] = ff.db.kept_groups(level)
-            if kept:
+            if kept and weight_update:
                 ffn_weights[index] = ff.db.weight(level)
     return shrink.shrink_model(
         module, heads_keep, ffn_keep, attention_weights=attention_weights, ffn_weights=ffn_weights

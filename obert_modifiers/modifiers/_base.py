@@ -8,6 +8,7 @@ This module imports SparseML only inside :func:`recipe_properties`."""
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -117,3 +118,24 @@ def _signature(params_model: type[RecipeParams]) -> inspect.Signature:
         kind = inspect.Parameter.KEYWORD_ONLY
         parameters.append(inspect.Parameter(name, kind, default=default, annotation=field.annotation))
     return inspect.Signature(parameters)
+
+
+def show_modifier_logs() -> None:
+    """Our modifiers' INFO lines (what each pruning step chose, which layers were dropped) appear in the
+    stock training commands' output as SparseML's own do: SparseML gives its ``sparseml`` logger a
+    console handler at INFO, while a logger without one shows only warnings. Idempotent; a handler the
+    user installed is left alone (``obert demo``/``obert export`` reroute console handlers to their
+    log files, ``obert_modifiers.runs.logs``)."""
+    logger = logging.getLogger("obert_modifiers.modifiers")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(name)-12s %(levelname)-8s %(message)s", "%Y-%m-%d %H:%M:%S")
+    )
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+
+
+show_modifier_logs()

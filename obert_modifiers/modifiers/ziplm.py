@@ -14,6 +14,8 @@ Recipe keys (:class:`~obert_modifiers.params.ZipLMPruningParams`)::
       calibration_batch_size: 32
       damp: 0.01                       # H + damp * mean(diag H) * I
       ffn_chunk: 16
+      allocation: search               # search | uniform (same width in every layer; an ablation)
+      weight_update: true              # false: remove without the OBS update (an ablation)
       latency_runtime: onnxruntime     # onnxruntime (measured, cached on disk) | flops
       latency_threads: 2
       latency_batch_size: 1
@@ -51,6 +53,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +76,7 @@ from obert_modifiers.algorithms.ziplm import (  # noqa: F401 - re-exported: they
 from obert_modifiers.modifiers._base import recipe_properties, store_recipe
 from obert_modifiers.params import ZipLMPruningParams, validate_recipe
 
-__all__ = ["ZipLMPruningModifier", "ZIPLM_KEY", "move_optimizer_state", "family_dir_name"]
+__all__ = ["ZipLMPruningModifier", "ZIPLM_KEY", "move_optimizer_state", "family_dir_name", "resume_structure"]
 
 _LOGGER = logging.getLogger(__name__)
 _NAME = "ZipLMPruningModifier"
@@ -105,6 +108,7 @@ class ZipLMPruningModifier(ScheduledUpdateModifier):
         self._last_choice: latency_search.StructureChoice | None = None
         self._table: latency_search.LatencyTable | None = None
         self._saved: list[Path] = []
+        self._resume_epoch = 0.0  # the checkpoint's epoch when training resumed (apply_structure)
 
     @BaseModifier.sparsification_types.getter
     def sparsification_types(self) -> list[SparsificationTypes]:
@@ -114,6 +118,9 @@ class ZipLMPruningModifier(ScheduledUpdateModifier):
     def apply_structure(self, module: nn.Module, epoch: float = 0.0, loggers=None, finalize=False, **kwargs):
         """Check a reloaded model against the recorded ``structure`` and swap in the stand-ins; a
         model whose shapes differ is refused (its weights could not be the trained ones)."""
+        if math.isfinite(epoch) and epoch > 0:
+            # SparseML resumes with the checkpoint's epoch here, then counts its steps from 0 again
+            self._resume_epoch = float(epoch)
         recorded = self._structure
         if recorded is None:
             return  # nothing pruned yet: a fresh run
@@ -153,7 +160,12 @@ class ZipLMPruningModifier(ScheduledUpdateModifier):
         if not self._enabled or not self._initialized or self._steps_done >= len(self._targets):
             return False
         due = self.start_epoch + self._steps_done * self.update_frequency
-        return epoch >= due - 1e-9
+        return self._schedule_epoch(epoch) >= due - 1e-9
+
+    def _schedule_epoch(self, epoch: float) -> float:
+        """The epoch on the recipe's schedule: SparseML's step counter restarts at 0 when training
+        resumes from a checkpoint, so the checkpoint's epoch is added back."""
+        return epoch + self._resume_epoch if math.isfinite(epoch) else epoch
 
     def scheduled_update(self, module: nn.Module, optimizer, epoch: float, steps_per_epoch: int) -> None:
         if not self.update_ready(epoch, steps_per_epoch):
@@ -207,6 +219,7 @@ class ZipLMPruningModifier(ScheduledUpdateModifier):
             self._step_seeded(module, optimizer, epoch, steps_per_epoch)
 
     def _step_seeded(self, module: nn.Module, optimizer, epoch: float, steps_per_epoch: int) -> None:
+        began = time.perf_counter()
         step = self._steps_done
         target = self._targets[step]
         layers = shrink.encoder_layers(module)
@@ -219,13 +232,16 @@ class ZipLMPruningModifier(ScheduledUpdateModifier):
                 attention, ffn = self._databases(layers, hessians, table)
         finally:
             module.train(was_training)
-        choice = latency_search.search_structure(
-            table, [db.errors for db in attention], [db.errors for db in ffn], target
+        search = (
+            latency_search.search_uniform
+            if self._allocation == "uniform"
+            else latency_search.search_structure
         )
-        slices = ziplm.apply_choice(module, attention, ffn, choice)
+        choice = search(table, [db.errors for db in attention], [db.errors for db in ffn], target)
+        slices = ziplm.apply_choice(module, attention, ffn, choice, weight_update=self._weight_update)
         move_optimizer_state(optimizer, slices)
         self._record(module, target, choice, table)
-        self._log_step(choice, target, epoch, steps_per_epoch)
+        self._log_step(choice, target, epoch, steps_per_epoch, time.perf_counter() - began)
 
     def _calibration_batches(self, step: int):
         builder = self._grad_sampler["data_loader_builder"]
@@ -257,11 +273,11 @@ class ZipLMPruningModifier(ScheduledUpdateModifier):
         self._last_choice = choice
         module.config.update({ZIPLM_KEY: prediction(choice, table, target)})
 
-    def _log_step(self, choice, target: float, epoch: float, steps_per_epoch: int) -> None:
+    def _log_step(self, choice, target: float, epoch: float, steps_per_epoch: int, seconds: float) -> None:
         _LOGGER.info(
-            "!%s step %d: target %gx, predicted %.3gx (%.4g of %.4g %s); heads %s, FFN %s",
+            "!%s step %d: target %gx, predicted %.3gx (%.4g of %.4g %s); heads %s, FFN %s; %.1f s",
             _NAME, self._steps_done, target, choice.speedup, choice.predicted, choice.dense,
-            self._table.unit, self._structure["heads"], self._structure["ffn"],
+            self._table.unit, self._structure["heads"], self._structure["ffn"], seconds,
         )  # fmt: skip
         if self.loggers is not None:
             values = {"ziplm_target_speedup": target, "ziplm_predicted_speedup": choice.speedup}
@@ -332,3 +348,53 @@ class ZipLMPruningModifier(ScheduledUpdateModifier):
     @property
     def last_choice(self) -> latency_search.StructureChoice | None:
         return self._last_choice
+
+
+def resume_structure(model: nn.Module, manager: Any, checkpoint: str | os.PathLike) -> bool:
+    """Resuming from ``checkpoint`` (``--resume_from_checkpoint``) between two pruning steps: give the
+    freshly built ``model`` the shapes the checkpoint's ``config.json`` records (its heads through
+    transformers' ``prune_heads``, then the FFN widths and stand-ins) so that the checkpoint's weights
+    and optimizer state fit, and give every ``!ZipLMPruningModifier`` of ``manager`` (the run's recipe,
+    in order) the ``structure`` and ``steps_done`` the checkpoint's ``recipe.yaml`` records, so that it
+    continues with the next step. Returns whether the checkpoint held a structure. Compat fix
+    ``ziplm_resume`` calls it before SparseML applies the recipe and reloads the weights."""
+    import json
+
+    folder = Path(checkpoint)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    recorded = config.get(shrink.STRUCTURE_KEY)
+    if not isinstance(recorded, dict):
+        return False
+    mine = [m for m in _ziplm_modifiers(manager)]
+    saved = []
+    if (folder / "recipe.yaml").is_file():
+        from sparseml.pytorch.optim import ScheduledModifierManager
+
+        saved = _ziplm_modifiers(ScheduledModifierManager.from_yaml(str(folder / "recipe.yaml")))
+    if len(saved) != len(mine):
+        raise RuntimeError(
+            f"!{_NAME}: {folder} was saved by a recipe with {len(saved)} {_NAME}(s), the run's recipe has "
+            f"{len(mine)}; resume with the recipe the checkpoint was trained with"
+        )
+    pruned = {int(k): list(v) for k, v in (config.get("pruned_heads") or {}).items()}
+    have = {int(k): sorted(v) for k, v in (getattr(model.config, "pruned_heads", None) or {}).items()}
+    if pruned and pruned != have:
+        model.prune_heads({k: sorted(set(v) - set(have.get(k, []))) for k, v in pruned.items()})
+    model.config.update({shrink.STRUCTURE_KEY: recorded, ZIPLM_KEY: config.get(ZIPLM_KEY)})
+    shrink.apply_structure(model, recorded)
+    for modifier, source in zip(mine, saved, strict=True):
+        modifier._structure, modifier._steps_done = source._structure, source._steps_done
+    _LOGGER.info(
+        "!%s: resuming from %s after %s pruning step(s): heads %s, FFN %s",
+        _NAME, folder, [m._steps_done for m in mine], recorded.get("heads"), recorded.get("ffn"),
+    )  # fmt: skip
+    return True
+
+
+def _ziplm_modifiers(manager: Any) -> list[ZipLMPruningModifier]:
+    modifiers = getattr(manager, "iter_modifiers", None)
+    found = modifiers() if callable(modifiers) else getattr(manager, "modifiers", []) or []
+    return [m for m in found if isinstance(m, ZipLMPruningModifier)]

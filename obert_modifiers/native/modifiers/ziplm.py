@@ -96,10 +96,11 @@ class ZipLMPruning(NativeModifier):
                 )
         finally:
             model.train(was_training)
-        choice = latency_search.search_structure(
-            self.table, [db.errors for db in attention], [db.errors for db in ffn], target
+        search = (
+            latency_search.search_uniform if p.allocation == "uniform" else latency_search.search_structure
         )
-        slices = ziplm.apply_choice(model, attention, ffn, choice)
+        choice = search(self.table, [db.errors for db in attention], [db.errors for db in ffn], target)
+        slices = ziplm.apply_choice(model, attention, ffn, choice, weight_update=p.weight_update)
         ziplm.move_optimizer_state(ctx.optimizer, slices)
         self.steps_done += 1
         structure = shrink.read_structure(model)
