@@ -13,11 +13,12 @@ that :mod:`~obert_modifiers.algorithms.shrink` leaves in a shrunk model), every 
 
 in interleaved rounds (every model once per round, median of the rounds), because a table measured
 at another time or load than the models it predicts is badly off. A layer's attention entry is the
-model's time over the all-removed variant's, divided by the depth (likewise FFN); ``base`` is what is
-left of the dense model's time, so the table predicts the dense model exactly. Blocks are timed in a
+model's time over the all-removed variant's, divided by the depth (likewise FFN). Blocks are timed in a
 model, where they run: timed as graphs of their own, they added up to 1.3-3.5x the dense model's time
-(measured here; each small session pays ORT's thread-pool hand-offs again). Tables cached by the older
-method are measured again. ``flops_table`` is the no-runtime alternative (MMACs).
+(measured here; each small session pays ORT's thread-pool hand-offs again). ``base`` is the model with
+every block removed, timed too; ``meta`` keeps the dense model's measured time beside the table's
+prediction. Tables cached by the older method are measured again. ``flops_table`` is the no-runtime
+alternative (MMACs).
 """
 
 from __future__ import annotations
@@ -224,7 +225,7 @@ def _graphs(key: LatencyKey, grid: list[int]) -> list[tuple[str, Any, dict]]:
         )
         return built
 
-    graphs: list[tuple[str, Any, dict]] = [("dense", model(), inputs)]
+    graphs: list[tuple[str, Any, dict]] = [("dense", model(), inputs), ("base", model(0, 0), inputs)]
     graphs += [(f"attention_{k}", model(heads_kept=k), inputs) for k in range(heads)]
     graphs += [(f"ffn_{n}", model(ffn_kept=n), inputs) for n in grid if n < width]
     return graphs
@@ -328,7 +329,7 @@ def measure_latency_table(
     attention = {k: max(0.0, (ms[f"attention_{k}"] - attention0) / depth) for k in range(heads + 1)}
     ffn = {n: max(0.0, (ms[f"ffn_{n}"] - ffn0) / depth) for n in grid}
     attention, ffn = _monotone(attention), _monotone(ffn)
-    base = max(0.0, ms["dense"] - depth * (attention[heads] + ffn[width]))
+    base = ms["base"]  # every block removed: embeddings, the stand-ins' LayerNorms, pooler
     table = LatencyTable(
         key=key,
         base=base,
