@@ -172,6 +172,7 @@ def latency_table_first(threads: int, refresh: bool) -> dict[str, Any]:
     seconds = time.perf_counter() - began
     meta = table.meta
     return {
+        "trusted": meta.get("trusted"), "consistency": meta.get("consistency"),
         "seconds": meta.get("total_s") if cached else seconds, "from_cache": cached,
         "cached_read_seconds": seconds if cached else None, "dense_ms": table.dense(),
         "measured_at": meta.get("measured_at"), "load_average": meta.get("load_average"),
@@ -189,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-train", type=int, help="training snippets (default: the mode's; 0: all 9,755)")
     parser.add_argument("--refresh-table", action="store_true", help="re-measure the cached latency table")
     parser.add_argument("--train-only", action="store_true", help="train (or reuse) the stages, then stop")
+    parser.add_argument(
+        "--allow-untrusted-table",
+        action="store_true",
+        help="go on with a latency table measured under load or that does not add up (its figures say so)",
+    )
     parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default: the mode's)")
     parser.add_argument("--seconds", type=float, help="seconds per timing run (default: the mode's)")
     parser.add_argument(
@@ -210,6 +216,15 @@ def main(argv: list[str] | None = None) -> int:
     training = training_flags(cfg)
     plan, rows = stages(cfg, z, args.threads)
     table_cost = latency_table_first(args.threads, args.refresh_table)
+    if not table_cost["trusted"] and not args.allow_untrusted_table:
+        print(
+            f"[structured] the latency table is not trusted (measured under 1-minute load "
+            f"{(table_cost['load_average'] or ['?'])[0]}, dense predicted / measured "
+            f"{table_cost['consistency']}): the ZipLM rows would be chosen on noise. Run again with "
+            "--refresh-table on a quiet machine, or pass --allow-untrusted-table.",
+            file=sys.stderr,
+        )
+        return 2
     started = time.perf_counter()
     trained = pipeline.run_stages(plan, work / "stages", data, training, args.jobs)
     train_wall = time.perf_counter() - started
@@ -403,6 +418,7 @@ def report(payload: dict) -> None:
     steps = [s for values in costs["pruning_step_seconds"].values() for s in values]
     table = costs["latency_table"]
     table_load = (table.get("load_average") or [None])[0]
+    trust = "trusted" if table.get("trusted") else "**not trusted** (measured under load or not adding up)"
     machine = payload.get("machine", {})
     loads = [r["load_average_1m"] for r in timings if r.get("load_average_1m") is not None]
     load_text = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "n/a"
@@ -437,7 +453,8 @@ def report(payload: dict) -> None:
         f"{len(errors)}: " + ", ".join(f"{name} {e:+.0%}" for name, e in errors) + ".",
         f"Cost: building the latency table {table['seconds']:.0f} s (measured {table['measured_at']}, before "
         f"the trainings, 1-minute load {table_load if table_load is None else round(table_load, 1)}; read "
-        "from the cache afterwards); ZipLM pruning steps "
+        f"from the cache afterwards; dense predicted / measured {table.get('consistency')}: {trust}); ZipLM "
+        "pruning steps "
         + (f"{min(steps):.0f}-{max(steps):.0f} s each ({len(steps)} steps)" if steps else "n/a")
         + f"; training wall time {payload['train_wall_seconds'] / 60:.0f} min ({payload['jobs']} jobs).",
         f"p: McNemar's exact test against {REFERENCE} on the same test snippets.",

@@ -52,6 +52,7 @@ __all__ = [
 
 RUNTIMES = ("onnxruntime", "flops")
 OPSET = 17
+MAX_MISMATCH = 0.15  # a table whose dense prediction is further off than this is not trusted
 METHOD = "in-model"  # how measured tables time blocks (a cached table by another method is re-measured)
 
 
@@ -356,6 +357,13 @@ def measure_latency_table(
     load = table.meta["load_average"]
     cores = os.cpu_count() or 1
     table.meta["cpu_count"] = cores
+    ratio = (
+        table.meta["dense_predicted"] / table.meta["dense_measured"] if table.meta["dense_measured"] else 0.0
+    )
+    table.meta["consistency"] = round(ratio, 4)  # predicted / measured dense time: 1 when blocks add up
+    table.meta["trusted"] = bool(
+        not (load and max(load[0], load[1]) >= cores) and abs(ratio - 1) <= MAX_MISMATCH
+    )
     if load and max(load[0], load[1]) >= cores:
         # measured: with 2 threads on 2 busy cores, block times jumped 5-10x where ORT splits work
         warnings.warn(
@@ -364,6 +372,14 @@ def measure_latency_table(
             RuntimeWarning,
             stacklevel=2,
         )
+    if abs(ratio - 1) > MAX_MISMATCH:
+        predicted, measured = table.meta["dense_predicted"], table.meta["dense_measured"]
+        message = (
+            f"latency table does not add up: it predicts the dense model at {predicted:.3g} ms, "
+            f"measured {measured:.3g} ms ({ratio:.2f}x); speed-ups chosen with it will not come true: "
+            "re-measure with refresh=True on a quiet machine"
+        )
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
     return table
 
 

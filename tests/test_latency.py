@@ -129,3 +129,7 @@ def test_measured_entries_never_fall_as_blocks_widen_and_predict_the_dense_model
         table.base + 2 * (table.attention[4] + table.ffn[128])
     )
     assert latency._monotone({0: 0.0, 1: 2.0, 2: 1.0, 3: 3.0}) == {0: 0.0, 1: 2.0, 2: 2.0, 3: 3.0}
+    # whether the blocks add up to the dense model is recorded, and a table that does not is not trusted
+    ratio = table.meta["dense_predicted"] / table.meta["dense_measured"]
+    assert table.meta["consistency"] == pytest.approx(ratio, rel=1e-3)
+    assert table.meta["trusted"] is False or abs(ratio - 1) <= latency.MAX_MISMATCH
