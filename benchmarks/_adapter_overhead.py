@@ -6,10 +6,10 @@ The recipe keeps every modifier active without a pruning step in the timed windo
 ``!ConstantPruningModifier`` on the encoder's linear weights (masks made at step 0, re-applied after
 every optimizer step, gradients of pruned weights zeroed before it) and a
 ``!LearningRateFunctionModifier`` (the rate set before every step), over far more epochs than the run
-lasts. Each repetition builds a fresh model and trainer and runs ``warmup + steps`` optimizer steps;
-a step's time is the interval between two ``on_step_end`` events (data, forward, backward, the
-recipe's hooks, the optimizer and the scheduler). Repetitions alternate plain/native in ABBA order
-so a slow spell of a shared machine falls on both.
+lasts. After ``--warmup-runs`` untimed runs of each side, each repetition builds a fresh model and
+trainer and runs ``warmup + steps`` optimizer steps; a step's time is the interval between two
+``on_step_end`` events (data, forward, backward, the recipe's hooks, the optimizer and the scheduler).
+Repetitions alternate plain/native in ABBA order so a slow spell of a shared machine falls on both.
 
     python benchmarks/_adapter_overhead.py --model DIR --train-csv data/train.csv --out overhead.json
 """
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps first")
     parser.add_argument("--repetitions", type=int, default=4, help="runs of each side (ABBA order)")
+    parser.add_argument("--warmup-runs", type=int, default=1, help="untimed runs of each side first")
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=42)
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         recipe = Path(folder) / "overhead.yaml"
         recipe.write_text(text)
+        for side in ("plain", "native") * args.warmup_runs:  # first-run costs (allocator, lazy imports)
+            _run(side, args, dataset, labels, tokenizer, recipe)
         for index, side in enumerate(abba_order(args.repetitions)):
             began = time.perf_counter()
             steps = _run(side, args, dataset, labels, tokenizer, recipe)
@@ -176,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": args.steps,
             "warmup": args.warmup,
             "repetitions": args.repetitions,
+            "warmup_runs": args.warmup_runs,
             "seq": args.seq,
             "batch": args.batch,
             "seed": args.seed,

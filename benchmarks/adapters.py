@@ -37,6 +37,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -180,6 +181,60 @@ def train_side(side: str, command: list[str], out: Path, log: Path, env: dict[st
     return entry
 
 
+TABLE_SCRIPT = """import json, sys, time
+from transformers import AutoConfig
+from obert_modifiers.latency import latency_table
+began = time.perf_counter()
+latency_table(AutoConfig.from_pretrained(sys.argv[1]), progress=False, **json.loads(sys.argv[2]))
+print(json.dumps({"seconds": time.perf_counter() - began}))
+"""
+
+
+def latency_settings(recipe: Path) -> list[dict[str, Any]]:
+    """The measured latency tables the recipe's ZipLM modifiers read (``latency_table`` keywords)."""
+    from obert_modifiers.native.recipe import load_recipe
+
+    found = []
+    for modifier in load_recipe(recipe).modifiers:
+        p = modifier.params
+        if modifier.tag == "ZipLMPruningModifier" and p.latency_runtime != "flops":
+            setting = {
+                "runtime": p.latency_runtime, "threads": p.latency_threads,
+                "batch_size": p.latency_batch_size, "sequence_length": p.latency_sequence_length,
+                "precision": p.latency_precision, "cache_dir": p.latency_cache_dir,
+            }  # fmt: skip
+            if setting not in found:
+                found.append(setting)
+    return found
+
+
+def latency_tables_first(recipe: Path, base: Path, modern_python: Path, env: dict) -> list[dict[str, Any]]:
+    """Build (or read from the cache) the recipe's latency tables on both stacks before any training:
+    a table is cached per ONNX Runtime version, so each venv has its own, and a first ZipLM step that
+    builds one would count minutes of table timing as pruning-step cost."""
+    from transformers import AutoConfig
+
+    from obert_modifiers.latency import latency_table
+
+    costs = []
+    for setting in latency_settings(recipe):
+        began = time.perf_counter()
+        latency_table(AutoConfig.from_pretrained(base), progress=False, **setting)
+        sparseml_seconds = time.perf_counter() - began
+        command = [str(modern_python), "-c", TABLE_SCRIPT, str(base), json.dumps(setting)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"error: latency table in the modern venv failed:\n{done.stderr[-3000:]}")
+        modern_seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+        costs.append({**setting, "sparseml_seconds": sparseml_seconds, "native_seconds": modern_seconds})
+        print(
+            f"[adapters] latency table {setting['precision']} {setting['threads']} threads: "
+            f"{sparseml_seconds:.0f} s (SparseML venv), {modern_seconds:.0f} s (modern venv)",
+            flush=True,
+        )
+    return costs
+
+
 def export_side(side: str, model_dir: Path, target: Path, modern_bin: Path, env: dict) -> dict[str, Any]:
     """Deployment folder for ``model_dir``: on this (SparseML) stack, else with the modern venv's
     ``obert export``; returns where it went and which stack exported it."""
@@ -264,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         "sparseml": [str(stock), *flags(work / "out-sparseml", native=False)],
         "native": [str(obert), "train", "text-classification", *flags(work / "out-native", native=True)],
     }
+    tables = latency_tables_first(recipe, Path(base), args.modern_python, offline_env(args.threads))
     runs: dict[str, dict[str, Any]] = {}
     for side in SIDES:
         env = offline_env(args.threads, HF_DATASETS_CACHE=str(work / f".hf-cache-{side}"))
@@ -308,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode": mode, "settings": cfg, "threads": args.threads, "model": model_name, "base_model": str(base),
         "recipe": str(recipe.relative_to(ROOT) if recipe.is_relative_to(ROOT) else recipe),
         "data": {"counts": info["counts"], "labels": labels}, "test_rows": len(texts),
-        "runs": runs, "paired_test": comparison, "overhead": overhead,
+        "runs": runs, "paired_test": comparison, "overhead": overhead, "latency_tables": tables,
         "targets": {"overhead": OVERHEAD_TARGET, "alpha": ALPHA},
         "machine": {**machine_info(), "cpu": cpu_model(), "cpu_flags": cpu_flags(), **_stack_versions()},
     }  # fmt: skip
@@ -380,6 +436,17 @@ def report(payload: dict) -> None:
     settings = overhead["settings"]
     per_rep = ", ".join(f"{o:+.1%}" for o in overhead["overhead_per_repetition"])
     machine = payload.get("machine", {})
+    tables = payload.get("latency_tables", [])
+    table_text = (
+        "the latency tables were built (or read from the cache) on each stack before the trainings: "
+        + "; ".join(
+            f"{s['precision']}, {s['threads']} threads: {s['sparseml_seconds']:.0f} s (SparseML venv), "
+            f"{s['native_seconds']:.0f} s (modern venv)"
+            for s in tables
+        )
+        if tables
+        else "no measured latency table"
+    )
     loads = [v for side in SIDES for v in runs[side]["load_average_1m"]]
     command = "python benchmarks/adapters.py" + (" --quick" if smoke else "")
     if cfg["max_train"] != SETTINGS[mode]["max_train"]:
@@ -397,8 +464,8 @@ def report(payload: dict) -> None:
         f"{payload['test_rows']:,} test snippets.",
         f"Accuracy within noise: {accuracy_verdict}.",
         "Time per step: the trainer's `train_runtime / global_step`; outside pruning: the seconds of the "
-        "ZipLM steps (each adapter's `!ZipLMPruningModifier step N: ...; X s` log line; the first one "
-        "includes building or reading the latency table, cached per stack) taken out. Native / SparseML "
+        "ZipLM steps (each adapter's `!ZipLMPruningModifier step N: ...; X s` log line) taken out; "
+        f"{table_text}. Native / SparseML "
         f"outside pruning: {ratio:.2f}x (different stacks: SparseML with transformers "
         f"{machine.get('transformers', 'n/a')} and torch {machine.get('torch', 'n/a')} against transformers "
         f"{overhead['versions']['transformers']} and torch {overhead['versions']['torch']}).",
@@ -407,7 +474,8 @@ def report(payload: dict) -> None:
         f"{overhead['native_median_s'] * 1e3:.1f} ms per step, overhead {overhead['overhead']:+.1%}: "
         f"{verdict(overhead['overhead'], OVERHEAD_TARGET)}. Median of {settings['repetitions']} runs' "
         f"medians each ({settings['steps']} timed steps after {settings['warmup']} warm-up, fresh model per "
-        f"run, ABBA order); per pair: {per_rep}. Recipe: `!ConstantPruningModifier` on the encoder "
+        f"run, ABBA order, after {settings.get('warmup_runs', 0)} untimed run(s) of each); per pair: "
+        f"{per_rep}. Recipe: `!ConstantPruningModifier` on the encoder "
         "linears (masks re-applied every step) + `!LearningRateFunctionModifier`, no pruning step in the "
         f"window (`benchmarks/_adapter_overhead.py`, torch {overhead['versions']['torch']}, transformers "
         f"{overhead['versions']['transformers']}).",
