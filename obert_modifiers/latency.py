@@ -235,10 +235,22 @@ def _graphs(key: LatencyKey, grid: list[int]) -> list[tuple[str, Any, dict]]:
 def _export(module, inputs: dict, path: Path) -> None:
     import torch
 
+    class ByName(torch.nn.Module):
+        """The model called with its inputs by name: the tracer passes them positionally, and
+        transformers 5's ``BertModel`` (whose decorators fill ``use_cache`` by name) then fails with
+        "got multiple values for argument 'use_cache'"."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = module
+
+        def forward(self, *tensors):
+            return self.model(**dict(zip(inputs, tensors, strict=True))).to_tuple()
+
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TorchScript exporter deprecation, tracer notes
         torch.onnx.export(
-            module,
+            ByName(),
             tuple(inputs.values()),
             str(path),
             input_names=list(inputs),

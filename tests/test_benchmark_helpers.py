@@ -218,3 +218,41 @@ def test_run_stages_trains_parents_first_reuses_finished_ones_names_a_failure(tm
     assert {n: json.loads((tmp_path / n / "stage.json").read_text())["key"] for n in done} == keys
     with pytest.raises(StockRunError, match=r"stage broken failed \(exit 3\); log: .*broken\.log"):
         pipeline.run_stages([pipeline.Stage("broken", "minilm_teacher.yaml")], tmp_path, tmp_path, {})
+
+
+def test_adapter_step_times_take_out_each_logged_pruning_step_once():
+    """benchmarks/adapters.py: both adapters' ZipLM log lines are read (a line repeated by a second
+    handler counts once), and their seconds leave the runtime, not the step count."""
+    from benchmarks.adapters import pruning_step_seconds, step_times, verdict
+
+    log = (
+        "INFO - obert_modifiers.modifiers.ziplm - !ZipLMPruningModifier step 1: target 2x, predicted 2.01x "
+        "(1.2 of 2.4 ms); heads [6], FFN [768]; 12.5 s\n"
+        "!ZipLMPruningModifier step 1: target 2x, predicted 2.01x (1.2 of 2.4 ms); heads [6], FFN [768]; "
+        "12.5 s\n"
+        " 50%|#####     | 10/20 [00:05<00:05]\n"
+        "2026 - INFO - obert_modifiers.native.modifiers.ziplm - !ZipLMPruningModifier step 2: target 3x, "
+        "predicted 3x; heads [4], FFN [512]; 7.5 s\n"
+    )
+    assert pruning_step_seconds(log) == [12.5, 7.5]
+    times = step_times(120.0, 50, [12.5, 7.5])
+    assert times["step_s"] == pytest.approx(2.4) and times["step_outside_pruning_s"] == pytest.approx(2.0)
+    assert times["pruning_steps"] == 2
+    with pytest.raises(ValueError, match="no optimizer step"):
+        step_times(1.0, 0, [])
+    assert verdict(0.03, 0.05) == "met, 2.0 points to spare"
+    assert verdict(0.08, 0.05) == "**missed** by 3.0 points"
+
+
+def test_adapter_overhead_alternates_abba_and_takes_the_median_of_run_medians():
+    from benchmarks._adapter_overhead import abba_order, overhead_summary
+
+    assert abba_order(3) == ["plain", "native", "native", "plain", "plain", "native"]
+    summary = overhead_summary(
+        {"plain": [[1.0, 1.0, 9.0], [2.0, 2.0, 2.0]], "native": [[1.1, 1.1, 0.1], [2.1, 2.1, 2.1]]}
+    )
+    assert summary["repetition_medians_s"] == {"plain": [1.0, 2.0], "native": [1.1, 2.1]}
+    assert summary["plain_median_s"] == pytest.approx(1.5)
+    assert summary["native_median_s"] == pytest.approx(1.6)
+    assert summary["overhead"] == pytest.approx(1.6 / 1.5 - 1)
+    assert summary["overhead_per_repetition"] == pytest.approx([0.1, 0.05])

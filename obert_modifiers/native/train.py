@@ -224,6 +224,7 @@ def main(task: str, args: Sequence[str]) -> dict:
             "use the SparseML stack (make venv) for it"
         )
     model_args, data, recipe_args, training = parse(args, task)
+    _log_like_the_stock_scripts(training)
     from transformers import AutoConfig, AutoTokenizer, Trainer, set_seed
 
     set_seed(training.seed)
@@ -311,6 +312,16 @@ def main(task: str, args: Sequence[str]) -> dict:
         trainer.save_metrics("eval", evaluation)
         metrics.update(evaluation)
     return metrics
+
+
+def _log_like_the_stock_scripts(training) -> None:
+    """The package's INFO lines (a ZipLM or oBERT step, with its cost) on stderr from the main process,
+    as the stock scripts log the SparseML adapters' lines; a caller's logging set-up is left alone."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s")
+    package = logging.getLogger("obert_modifiers")
+    if package.level == logging.NOTSET:
+        package.setLevel(logging.INFO if training.should_log else logging.WARNING)
 
 
 def _load(auto_class: Any, source: str, config: Any, ignore_mismatched_sizes: bool = False):

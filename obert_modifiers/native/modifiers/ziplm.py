@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,6 +71,7 @@ class ZipLMPruning(NativeModifier):
         from obert_modifiers.algorithms import latency_search, shrink, ziplm
         from obert_modifiers.latency import latency_table
 
+        began = time.perf_counter()  # the step's cost, as the SparseML adapter logs it (table included)
         p, model, runner = self.params, ctx.model, ctx.runner
         if runner.gradients is None:
             raise RecipeRunError(f"!{self.tag} needs calibration data: give the trainer a train_dataset")
@@ -111,8 +113,9 @@ class ZipLMPruning(NativeModifier):
         record = {"epoch": ctx.epoch, "step": ctx.step, "target": target, "predicted": choice.speedup}
         self.history.append({**record, "structure": structure})
         runner.metrics.update({"ziplm_target_speedup": target, "ziplm_predicted_speedup": choice.speedup})
-        _LOGGER.info("!%s step %d: target %gx, predicted %.3gx; heads %s, FFN %s", self.tag, self.steps_done,
-                     target, choice.speedup, structure["heads"], structure["ffn"])  # fmt: skip
+        _LOGGER.info("!%s step %d: target %gx, predicted %.3gx; heads %s, FFN %s; %.1f s", self.tag,
+                     self.steps_done, target, choice.speedup, structure["heads"], structure["ffn"],
+                     time.perf_counter() - began)  # fmt: skip
 
     def save_member(self, model: nn.Module, runner: RecipeRunner) -> Path | None:
         """With a list of targets, the model at the last target reached goes to
