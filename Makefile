@@ -45,7 +45,8 @@ MODERN_STAMP := $(MODERN_VENV)/.obert-installed
 MODERN_TESTS ?= tests/test_fisher.py tests/test_obs.py tests/test_params.py tests/test_native_recipe.py \
 	tests/test_deployment.py tests/test_architecture.py tests/test_recipes.py \
 	tests/test_native_trainer.py tests/test_native_families.py tests/test_native_cli.py \
-	tests/test_native_ddp.py tests/test_native_export.py tests/test_native_ziplm.py tests/test_shrink.py
+	tests/test_native_ddp.py tests/test_native_export.py tests/test_native_ziplm.py tests/test_shrink.py \
+	tests/test_latency.py tests/test_latency_search.py
 # tests in those files that load recipes through SparseML's manager or trainer (they run in `make test`)
 MODERN_DESELECT := $(addprefix --deselect tests/test_params.py::test_,\
 	a_misspelled_key_in_stock_training_says_did_you_mean \
