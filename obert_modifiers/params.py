@@ -221,6 +221,11 @@ class RecipeParams(BaseModel):
         """Every key with its validated value."""
         return {name: getattr(self, name) for name in type(self).model_fields}
 
+    def sparseml_values(self) -> dict[str, Any]:
+        """Every key as SparseML's modifier holds (sorts by and serialises) it: the recipe's values,
+        except where the adapter derives one (``!ZipLMPruningModifier``'s ``end_epoch: -1``)."""
+        return self.recipe_values()
+
 
 def validate_recipe(model: type[RecipeParams], recipe: Mapping[str, Any]) -> RecipeParams:
     """``model`` built from one modifier's recipe keys, or :class:`RecipeParameterError` (a
@@ -621,6 +626,13 @@ class ZipLMPruningParams(RecipeParams):
     @property
     def last_step_epoch(self) -> float:
         return self.start_epoch + (len(self.step_targets) - 1) * self.update_frequency
+
+    def sparseml_values(self) -> dict[str, Any]:
+        """The SparseML adapter passes ``end_epoch: -1`` on as the last step's epoch."""
+        values = self.recipe_values()
+        if values["end_epoch"] == -1:
+            values["end_epoch"] = self.last_step_epoch
+        return values
 
 
 PARAMS: dict[str, type[RecipeParams]] = {

@@ -615,7 +615,7 @@ class PlannedModifier:
         if isinstance(self.params, BuiltinParams):
             props = self.params.sparseml_props()
         else:
-            props = {k: v for k, v in self.params.recipe_values().items() if v is not None}
+            props = {k: v for k, v in self.params.sparseml_values().items() if v is not None}
         if self.epochs:
             props["start_epoch"], props["end_epoch"] = self.epochs
         props.update(self.extra)
