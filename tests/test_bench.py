@@ -14,8 +14,10 @@ import textwrap
 
 import pytest
 
-np = pytest.importorskip("numpy")
-pytest.importorskip("torch")
+np = pytest.importorskip(
+    "numpy", reason="the benchmark runner needs numpy (the [sparseml] or [modern] extra)"
+)
+pytest.importorskip("torch", reason="needs torch (the [sparseml] or [modern] extra)")
 
 from test_quantization import SENTENCES, shared_artifacts  # noqa: E402
 
@@ -217,6 +219,12 @@ def test_benchmark_records_each_engines_path(artifacts):
         assert ds.path["vnni"] == vnni and ds.path["isa"] in ("avx2", "avx512", "avx512_vnni", "neon")
         assert ds.path["int8"] == ("native" if vnni else "emulated")
         assert describe_path(ds.path).endswith("" if vnni else "emulated (no VNNI)")
-    fp32 = run_benchmark(artifacts["fp32"].path, engines=("onnxruntime",), sequence_length=16,
-                         num_cores=1, seconds=0.1, warmup_seconds=0.05)
+    fp32 = run_benchmark(
+        artifacts["fp32"].path,
+        engines=("onnxruntime",),
+        sequence_length=16,
+        num_cores=1,
+        seconds=0.1,
+        warmup_seconds=0.05,
+    )
     assert fp32[0].path["int8_form"] is None and describe_path(fp32[0].path) == "CPU, FP32"

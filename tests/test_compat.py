@@ -396,7 +396,7 @@ def test_scheduled_optimizer_state(tiny_bert_dir, data_dir, tmp_path):
 def _probe_with_and_without(probe: str, fix: str, tmp_path: Path) -> tuple[dict, dict]:
     """Run ``probe`` on a fresh tiny deployment folder with every fix, and on a copy with ``fix``
     disabled; return the JSON each printed last."""
-    pytest.importorskip("deepsparse")
+    pytest.importorskip("deepsparse", reason="DeepSparse is the optional [deepsparse] extra")
     from obert_modifiers.testing.hub_fixtures import make_tiny_bert_folders
 
     deployment, _ = make_tiny_bert_folders(tmp_path / "model", sequence_length=32)

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-onnx = pytest.importorskip("onnx")
-np = pytest.importorskip("numpy")
+torch = pytest.importorskip("torch", reason="needs torch (the [sparseml] or [modern] extra)")
+onnx = pytest.importorskip("onnx", reason="export needs onnx (the [sparseml] or [modern] extra)")
+np = pytest.importorskip(
+    "numpy", reason="the benchmark runner needs numpy (the [sparseml] or [modern] extra)"
+)
 
 from test_quantization import shared_artifacts  # noqa: E402  (shared, built once per session)
 

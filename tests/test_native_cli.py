@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="needs transformers (the [modern] extra)")
 if int(transformers.__version__.split(".")[0]) < 5:
     pytest.skip("the native adapter targets transformers 5 (the modern venv)", allow_module_level=True)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from _helpers import check, offline_env, run, stock_export_command, stock_train_command
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="needs torch (the [sparseml] or [modern] extra)")
 
 QAT_RECIPE = """
 modifiers:

@@ -368,7 +368,7 @@ def resume_structure(model: nn.Module, manager: Any, checkpoint: str | os.PathLi
     recorded = config.get(shrink.STRUCTURE_KEY)
     if not isinstance(recorded, dict):
         return False
-    mine = [m for m in _ziplm_modifiers(manager)]
+    mine = _ziplm_modifiers(manager)
     saved = []
     if (folder / "recipe.yaml").is_file():
         from sparseml.pytorch.optim import ScheduledModifierManager
