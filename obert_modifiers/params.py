@@ -62,7 +62,7 @@ WEIGHT_STRATEGIES = ("tensor", "channel")
 LAYER_DROP_STRATEGIES = ("uniform", "importance")
 ZIPLM_STRUCTURES = ("heads", "ffn_neurons", "attention_blocks", "ffn_blocks")
 ZIPLM_ALLOCATIONS = ("search", "uniform")
-LATENCY_RUNTIMES = ("onnxruntime", "flops")  # obert_modifiers.latency measures ORT; DeepSparse not yet
+LATENCY_RUNTIMES = ("onnxruntime", "deepsparse", "flops")  # obert_modifiers.latency: 2 measured, 1 counted
 LATENCY_PRECISIONS = ("fp32", "int8")
 _NAMES = "a list of names or 're:' patterns"
 _NUMBERS = ("a number", "a whole number")
@@ -537,7 +537,8 @@ class ZipLMPruningParams(RecipeParams):
         True, doc="apply the OBS update to the kept weights (false: only remove; an ablation)"
     )
     latency_runtime: Literal[LATENCY_RUNTIMES] = key(
-        "onnxruntime", doc="latency table source: onnxruntime (measured, cached) or flops (counted)"
+        "onnxruntime",
+        doc="latency table source: onnxruntime or deepsparse (measured here, cached) or flops (counted)",
     )
     latency_threads: int = key(2, ge=1, doc="intra-op threads of the measured table (the deployment's)")
     latency_batch_size: int = key(1, ge=1, doc="batch size of the measured table")

@@ -256,3 +256,30 @@ def test_adapter_overhead_alternates_abba_and_takes_the_median_of_run_medians():
     assert summary["native_median_s"] == pytest.approx(1.6)
     assert summary["overhead"] == pytest.approx(1.6 / 1.5 - 1)
     assert summary["overhead_per_repetition"] == pytest.approx([0.1, 0.05])
+
+
+def test_a_remeasured_latency_table_retrains_the_ziplm_stages_only():
+    """The ZipLM stages' structures come from the cached latency table: its digest is in their cache
+    key (not in their command), so a new table retrains them, and leaves the teacher's key alone."""
+    from benchmarks import structured
+
+    cfg, z = dict(SETTINGS["full"]), structured.ZIPLM["full"]
+    first = {s.name: s for s in structured.stages(cfg, z, 2, "table-a")[0]}
+    second = {s.name: s for s in structured.stages(cfg, z, 2, "table-b")[0]}
+
+    def keys(plan):
+        out: dict[str, str] = {}
+        for stage in plan.values():  # parents come first in the plan
+            out[stage.name] = stage.key(out, {"seq": 64})
+        return out
+
+    a, b = keys(first), keys(second)
+    retrained = {name for name in a if a[name] != b[name]}
+    ziplm = {name for name, stage in first.items() if stage.recipe == "minilm_ziplm.yaml"}
+    assert ziplm and ziplm <= retrained  # the family and both ablations
+    assert {n for n in a if n.endswith("-int8") and n.startswith("ziplm")} <= retrained  # their children
+    assert a["dense"] == b["dense"] and a["3L-80-block4-INT8"] == b["3L-80-block4-INT8"]
+    assert all("latency_table" not in s.recipe_args for s in first.values())
+    # without a digest the ZipLM stages key as they did before the field existed
+    none = {s.name: s for s in structured.stages(cfg, z, 2)[0]}
+    assert none["ziplm"].depends == {} and keys(none)["ziplm"] not in (a["ziplm"], b["ziplm"])

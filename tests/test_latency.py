@@ -114,6 +114,39 @@ def test_int8_graphs_are_ort_dynamic_int8_and_close_to_fp32(tmp_path):
     assert latency.table_cache_path(table.key, tmp_path, 64).is_file()
 
 
+def test_static_int8_proxy_is_the_shipped_ort_u8_form_and_close_to_fp32(tmp_path):
+    """DeepSparse tables' INT8 proxy: UINT8 weights behind ``DequantizeLinear`` and fake-quantized
+    activations (what ``obert export`` writes as ``ort-u8``), close to the FP32 graph on ORT."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from onnx import numpy_helper
+    from transformers import BertModel
+
+    config = _config(vocab_size=100)
+    torch.manual_seed(0)
+    model = BertModel(config).eval()
+    ids = torch.randint(0, 100, (2, 16))
+    path = tmp_path / "model.onnx"
+    latency._export(model, {"input_ids": ids}, path)
+    (fp32,) = ort.InferenceSession(str(path)).run(None, {"input_ids": ids.numpy()})[:1]
+    assert latency._quantize_static(path) == 6
+    graph = onnx.load(str(path)).graph
+    weights = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    matmuls = [node for node in graph.node if node.op_type == "MatMul"]
+    producers = {out: node for node in graph.node for out in node.output}
+    u8_weights = [
+        m for m in matmuls
+        if producers.get(m.input[1]) is not None and producers[m.input[1]].op_type == "DequantizeLinear"
+        and weights.get(producers[m.input[1]].input[0], np.zeros(0)).dtype == np.uint8
+    ]  # fmt: skip
+    assert len(u8_weights) == 6 and not any(n.op_type == "DynamicQuantizeLinear" for n in graph.node)
+    (int8,) = ort.InferenceSession(str(path)).run(None, {"input_ids": ids.numpy()})[:1]
+    diff = np.abs(int8 - fp32)
+    assert 0 < diff.mean() < 0.05, diff.mean()
+
+
 def test_measured_entries_never_fall_as_blocks_widen_and_predict_the_dense_model(tmp_path):
     """In-model timing: each entry is an increment per layer, made non-decreasing (noise must not make
     a wider block look cheaper); base is the model with every block removed."""
@@ -133,3 +166,34 @@ def test_measured_entries_never_fall_as_blocks_widen_and_predict_the_dense_model
     ratio = table.meta["dense_predicted"] / table.meta["dense_measured"]
     assert table.meta["consistency"] == pytest.approx(ratio, rel=1e-3)
     assert table.meta["trusted"] is False or abs(ratio - 1) <= latency.MAX_MISMATCH
+
+
+def test_deepsparse_tables_time_the_same_graphs_with_its_engine_or_say_it_is_missing(tmp_path):
+    """``runtime="deepsparse"``: where DeepSparse is installed (the SparseML venv), the table is measured
+    with ``deepsparse.Engine`` and keyed by its version; where it is not (the modern venv), the
+    setting is refused by name before anything is exported."""
+    from importlib.util import find_spec
+
+    config = _config()
+    if find_spec("deepsparse") is None:
+        refused = "'deepsparse' is not installed.*onnxruntime or flops"
+        with pytest.raises(latency.LatencyTableError, match=refused):
+            latency.latency_table(config, runtime="deepsparse", cache_dir=tmp_path, **FAST)
+        assert list(tmp_path.iterdir()) == []
+        return
+    from importlib.metadata import version
+
+    for precision in ("fp32", "int8"):
+        table = latency.latency_table(
+            config, runtime="deepsparse", precision=precision, cache_dir=tmp_path, **FAST
+        )
+        assert table.key.runtime == "deepsparse" and table.key.runtime_version == version("deepsparse")
+        assert table.key.precision == precision and table.unit == "ms"
+        assert sorted(table.attention) == [0, 1, 2] and sorted(table.ffn) == [0, 64]
+        assert 0 < table.base and table.meta["dense_measured"] > 0
+        path = latency.table_cache_path(table.key, tmp_path, 64)
+        assert path.name.startswith(f"latency-deepsparse-{precision}-")
+        assert LatencyTable.from_json(path.read_text()) == table
+    # another runtime is another key: an ORT table is never read for DeepSparse
+    ort_key = latency.shape_key(config, threads=1, sequence_length=16)
+    assert latency.table_cache_path(ort_key, tmp_path, 64) != path

@@ -524,6 +524,68 @@ def rewrite_dynamic_int8(path: str | os.PathLike) -> int:
     return count
 
 
+def rewrite_static_int8(path: str | os.PathLike, activation_scale: float = 0.05) -> int:
+    """Rewrite an FP32 graph, in place, into the static INT8 form ``obert export`` ships for QAT models
+    (``ort-u8``): every ``MatMul`` by a constant 2-D weight gets fake-quantized operands (activations
+    UINT8 with a fixed scale and zero point 128, weights INT8 symmetric per-tensor), then
+    :func:`qdq_to_ort_int8` turns them into UINT8 weights behind ``DequantizeLinear``. The INT8 proxy
+    of DeepSparse latency tables (``obert_modifiers.latency``): DeepSparse 1.8's compiler aborts the
+    process on :func:`rewrite_dynamic_int8`'s ``DynamicQuantizeLinear`` graphs (measured). Times do
+    not depend on the scale values. Returns the MatMuls rewritten."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    weights = {init.name: init for init in graph.initializer}
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(activation_scale, dtype=np.float32), "static_int8_x_scale"),
+            numpy_helper.from_array(np.array(128, dtype=np.uint8), "static_int8_x_zero_point"),
+        ]
+    )
+    fake: dict[str, str] = {}  # activation -> its fake-quantized name (shared by Q/K/V)
+    nodes, count = [], 0
+    for node in graph.node:
+        weight = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        array = numpy_helper.to_array(weight) if weight is not None else None
+        if array is None or array.ndim != 2 or array.dtype != np.float32:
+            nodes.append(node)
+            continue
+        count += 1
+        x = node.input[0]
+        if x not in fake:
+            fake[x] = f"{x}_static_dq"
+            scale_zero = ["static_int8_x_scale", "static_int8_x_zero_point"]
+            nodes += [
+                helper.make_node("QuantizeLinear", [x, *scale_zero], [f"{x}_static_q"], name=f"{x}_static_Q"),
+                helper.make_node("DequantizeLinear", [f"{x}_static_q", *scale_zero], [fake[x]],
+                                 name=f"{x}_static_DQ"),
+            ]  # fmt: skip
+        prefix = f"{node.name or node.output[0]}_static"
+        scale = float(np.abs(array).max()) / 127.0 or 1.0
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.array(scale, dtype=np.float32), f"{prefix}_w_scale"),
+                numpy_helper.from_array(np.array(0, dtype=np.int8), f"{prefix}_w_zero_point"),
+            ]
+        )
+        w_args = [f"{prefix}_w_scale", f"{prefix}_w_zero_point"]
+        nodes += [
+            helper.make_node("QuantizeLinear", [node.input[1], *w_args], [f"{prefix}_wq"], name=f"{prefix}Q"),
+            helper.make_node("DequantizeLinear", [f"{prefix}_wq", *w_args], [f"{prefix}_wdq"], name=prefix),
+            helper.make_node("MatMul", [fake[x], f"{prefix}_wdq"], list(node.output), name=node.name),
+        ]  # fmt: skip
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(path))
+    rewritten = qdq_to_ort_int8(path, weights="u8", layout="qdq")
+    if rewritten != count:
+        raise ValueError(f"{path}: {count} MatMuls fake-quantized, {rewritten} rewritten to INT8")
+    return count
+
+
 def onnx_weight_sparsity(onnx_path: str | os.PathLike, min_size: int = 1024) -> dict[str, float]:
     """Fraction of weights that are zero in each large 2-D initializer of an ONNX file.
 

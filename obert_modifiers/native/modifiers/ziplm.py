@@ -43,11 +43,14 @@ class ZipLMPruning(NativeModifier):
 
     def bind(self, runner: RecipeRunner) -> None:
         from obert_modifiers.algorithms import shrink
+        from obert_modifiers.latency import MEASURED, LatencyTableError, runtime_version
 
         if self.steps_done < len(self.targets):  # fail before training, not at the step
             try:
                 shrink.encoder_layers(runner.model)
-            except shrink.ShrinkError as error:
+                if self.params.latency_runtime in MEASURED:
+                    runtime_version(self.params.latency_runtime)
+            except (shrink.ShrinkError, LatencyTableError) as error:
                 raise RecipeRunError(f"!{self.tag}: {error}") from None
 
     def update_ready(self, epoch: float) -> bool:
