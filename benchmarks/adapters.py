@@ -271,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overhead-steps", type=int, help="timed steps per overhead run")
     parser.add_argument("--overhead-repetitions", type=int, help="overhead runs of each trainer")
     parser.add_argument("--from-json", type=Path, help="re-render the docs section from an adapters.json")
+    parser.add_argument(
+        "--reuse-training", action="store_true",
+        help="keep each side's finished training (run-<side>.json, out-<side>/) and go on from the export",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.from_json:
         report(json.loads(args.from_json.read_text()))
@@ -323,8 +327,16 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[str, Any]] = {}
     for side in SIDES:
         env = offline_env(args.threads, HF_DATASETS_CACHE=str(work / f".hf-cache-{side}"))
-        runs[side] = train_side(side, commands[side], work / f"out-{side}", work / f"train-{side}.log", env)
-        runs[side]["command"] = _relative(" ".join(commands[side]))
+        record = work / f"run-{side}.json"  # the finished training's figures: --reuse-training reads them
+        if args.reuse_training and record.is_file() and (work / f"out-{side}" / "config.json").is_file():
+            runs[side] = json.loads(record.read_text())
+            print(f"[adapters] {side}: reusing the finished training in {work / f'out-{side}'}", flush=True)
+        else:
+            record.unlink(missing_ok=True)
+            out, log = work / f"out-{side}", work / f"train-{side}.log"
+            runs[side] = train_side(side, commands[side], out, log, env)
+            runs[side]["command"] = _relative(" ".join(commands[side]))
+            record.write_text(json.dumps(runs[side], indent=2))
 
     texts, test_labels = read_split(work / "data" / "test.csv", cfg["max_test"])
     correct: dict[str, list[bool]] = {}
@@ -402,6 +414,11 @@ def plot(payload: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _seconds(value: float) -> str:
+    """A latency table's cost: read from the cache when it took under a second."""
+    return f"{value:.0f} s" if value >= 1 else "read from the cache"
+
+
 def report(payload: dict) -> None:
     """Write adapters.{json,png} and the docs section (``--from-json`` re-renders a saved run)."""
     mode, cfg, runs = payload["mode"], payload["settings"], payload["runs"]
@@ -440,14 +457,16 @@ def report(payload: dict) -> None:
     table_text = (
         "the latency tables were built (or read from the cache) on each stack before the trainings: "
         + "; ".join(
-            f"{s['precision']}, {s['threads']} threads: {s['sparseml_seconds']:.0f} s (SparseML venv), "
-            f"{s['native_seconds']:.0f} s (modern venv)"
+            f"{s['precision']}, {s['threads']} threads: {_seconds(s['sparseml_seconds'])} (SparseML venv), "
+            f"{_seconds(s['native_seconds'])} (modern venv)"
             for s in tables
         )
         if tables
         else "no measured latency table"
     )
-    loads = [v for side in SIDES for v in runs[side]["load_average_1m"]]
+    loads = [v for side in SIDES for v in runs[side].get("load_average_1m") or []]
+    load_text = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "not recorded"
+    run_notes = [f"{side}: {runs[side]['note']}" for side in SIDES if runs[side].get("note")]
     command = "python benchmarks/adapters.py" + (" --quick" if smoke else "")
     if cfg["max_train"] != SETTINGS[mode]["max_train"]:
         command += f" --max-train {cfg['max_train'] or 0}"
@@ -481,10 +500,12 @@ def report(payload: dict) -> None:
         f"{overhead['versions']['transformers']}).",
         f"Machine: {machine.get('cpu', 'n/a')}, flags {machine.get('cpu_flags', 'n/a')}, "
         f"{machine.get('cpu_count')} cores; 1-minute load average around the trainings "
-        f"{min(loads):.1f}-{max(loads):.1f} (a shared machine: absolute seconds move with it).",
+        f"{load_text} (a shared machine: absolute seconds move with it)"
+        + (f"; {'; '.join(run_notes)}" if run_notes else "") + ".",
         f"Commands: SparseML `{Path(runs['sparseml']['command'].split()[0]).name} "
         f"{' '.join(runs['sparseml']['command'].split()[1:])}`; native `obert "
         f"{' '.join(runs['native']['command'].split()[1:])}`.",
+        *payload.get("notes", []),  # what the run's operator recorded beside the figures (the JSON's "notes")
         f"Source: `{command}`; JSON `{json_path.relative_to(ROOT)}`, plot `{png_path.relative_to(ROOT)}`.",
     ]
     # fmt: on
