@@ -165,7 +165,7 @@ def test_a_misspelled_key_says_did_you_mean():
         ("speedup_targets: 1.0", "speedup_targets", "> 1"),
         ("speedup_targets: [2.0, 3.0]\nend_epoch: 0.5", "end_epoch", ">= 1"),
         ("speedup_targets: 2.0\nstructures: [head]", "structures", "'heads'"),
-        ("speedup_targets: 2.0\nlatency_runtime: deepsparse", "latency_runtime", "'onnxruntime', 'flops'"),
+        ("speedup_targets: 2.0\nlatency_runtime: tensorrt", "latency_runtime", "'deepsparse', 'flops'"),
     ],
 )
 def test_bad_values_name_the_key(keys, key, expected):
