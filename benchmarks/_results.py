@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import platform
 import re
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -107,3 +108,17 @@ def paired_comparison(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> d
     discordant = a_only + b_only
     p_value = binomtest(b_only, discordant, 0.5).pvalue if discordant else 1.0
     return {"a_only": a_only, "b_only": b_only, "p_value": float(p_value), "n": len(correct_a)}
+
+
+def step_printer(label: str, every: float = 30.0) -> Callable[[int, int, int], None]:
+    """A ``run_logged`` progress callback that prints ``<label>: step done/total`` for the training
+    counter (bar 0) at most every ``every`` seconds, and at its last step."""
+    shown = {"last": 0.0}
+
+    def progress(done: int, total: int, bar: int) -> None:
+        now = time.perf_counter()
+        if bar == 0 and (now - shown["last"] > every or done == total):
+            shown["last"] = now
+            print(f"{label}: step {done}/{total}", flush=True)
+
+    return progress

@@ -52,6 +52,7 @@ from benchmarks._results import (  # noqa: E402
     markdown_table,
     paired_comparison,
     results_dir,
+    step_printer,
     update_results_section,
     write_json,
 )
@@ -152,17 +153,11 @@ def train_side(side: str, command: list[str], out: Path, log: Path, env: dict[st
     if out.exists():
         shutil.rmtree(out)
     print(f"[adapters] {side}: training (log {log})", flush=True)
-    shown = {"last": 0.0}
-
-    def progress(done: int, total: int, bar: int) -> None:
-        now = time.perf_counter()
-        if bar == 0 and (now - shown["last"] > 30 or done == total):
-            shown["last"] = now
-            print(f"[adapters] {side}: step {done}/{total}", flush=True)
-
     load_before = os.getloadavg()[0]
     began = time.perf_counter()
-    run_logged(command, log, progress, cwd=out.parent, env=env, what=f"{side} training")
+    run_logged(
+        command, log, step_printer(f"[adapters] {side}"), cwd=out.parent, env=env, what=f"{side} training"
+    )
     wall = time.perf_counter() - began
     runtime, global_step = _trainer_numbers(out)
     pruning = pruning_step_seconds(log.read_text(errors="replace"))

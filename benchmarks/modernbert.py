@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._results import machine_info, markdown_table, update_results_section, write_json  # noqa: E402
+from benchmarks._results import machine_info, markdown_table, step_printer, update_results_section, write_json  # noqa: E402
 from obert_modifiers.runs.evaluate import onnx_correct, read_split  # noqa: E402
 from obert_modifiers.runs.stock import apply_offline_env, offline_env, run_logged, train_args  # noqa: E402
 
@@ -127,16 +127,16 @@ def train(name: str, obert: Path, base: Path, recipe: Path, work: Path, cfg: dic
         "text-classification",
         *[a for a in args if a != "--overwrite_output_dir"],
     ]
-    shown = {"last": 0.0}
-
-    def progress(done: int, total: int, bar: int) -> None:
-        if bar == 0 and (time.perf_counter() - shown["last"] > 30 or done == total):
-            shown["last"] = time.perf_counter()
-            print(f"[modernbert] {name}: step {done}/{total}", flush=True)
-
     print(f"[modernbert] {name}: training (log {work / f'{name}.log'})", flush=True)
     began = time.perf_counter()
-    run_logged(command, work / f"{name}.log", progress, cwd=work, env=offline_env(1), what=f"{name} training")
+    run_logged(
+        command,
+        work / f"{name}.log",
+        step_printer(f"[modernbert] {name}"),
+        cwd=work,
+        env=offline_env(1),
+        what=f"{name} training",
+    )
     wall = time.perf_counter() - began
     results = (
         json.loads((out / "all_results.json").read_text()) if (out / "all_results.json").is_file() else {}

@@ -147,11 +147,22 @@ def runtime_version(runtime: str) -> str:
     try:
         return version(runtime)
     except PackageNotFoundError:
-        extra = "deepsparse" if runtime == "deepsparse" else "the base install"
+        install = (
+            "pip install 'obert-modifiers[deepsparse]'"
+            if runtime == "deepsparse"
+            else f"pip install {runtime}"
+        )
         raise LatencyTableError(
-            f"latency table: latency_runtime {runtime!r} is not installed here ({extra}: "
-            f"pip install 'obert-modifiers[{runtime}]'); use onnxruntime or flops, or install it"
+            f"latency table: latency_runtime {runtime!r} is not installed here ({install}); "
+            "use onnxruntime or flops, or install it"
         ) from None
+
+
+def require_runtime(runtime: str) -> None:
+    """Fail now, naming it, when ``runtime`` is a measured runtime that is not installed (the adapters
+    call this before training, not at the first pruning step); ``flops`` needs nothing."""
+    if runtime in MEASURED:
+        runtime_version(runtime)
 
 
 def _ffn_grid(width: int, step: int | None) -> list[int]:

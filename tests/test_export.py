@@ -17,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="needs torch (the [sparseml] or [modern] extra)")
 onnx = pytest.importorskip("onnx", reason="export needs onnx (the [sparseml] or [modern] extra)")
 np = pytest.importorskip(
-    "numpy", reason="the benchmark runner needs numpy (the [sparseml] or [modern] extra)"
+    "numpy", reason="export needs numpy (the [sparseml] or [modern] extra)"
 )
 
 from test_quantization import shared_artifacts  # noqa: E402  (shared, built once per session)

@@ -21,6 +21,22 @@ def _config(**over):
     return BertConfig(**shape)
 
 
+def _tiny_fp32_graph(tmp_path):
+    """A random one-layer BERT exported the table's way: (config, path, input ids, ORT's FP32 output)."""
+    import onnxruntime as ort
+    import torch
+    from transformers import BertModel
+
+    config = _config(vocab_size=100)
+    torch.manual_seed(0)
+    model = BertModel(config).eval()
+    ids = torch.randint(0, 100, (2, 16))
+    path = tmp_path / "model.onnx"
+    latency._export(model, {"input_ids": ids}, path)
+    (fp32,) = ort.InferenceSession(str(path)).run(None, {"input_ids": ids.numpy()})[:1]
+    return config, path, ids, fp32
+
+
 FAST = dict(threads=1, sequence_length=16, ffn_step=64, rounds=1, runs=2, warmup=1, progress=False)
 
 
@@ -92,16 +108,8 @@ def test_int8_graphs_are_ort_dynamic_int8_and_close_to_fp32(tmp_path):
     import numpy as np
     import onnx
     import onnxruntime as ort
-    import torch
-    from transformers import BertModel
 
-    config = _config(vocab_size=100)
-    torch.manual_seed(0)
-    model = BertModel(config).eval()
-    ids = torch.randint(0, 100, (2, 16))
-    path = tmp_path / "model.onnx"
-    latency._export(model, {"input_ids": ids}, path)
-    (fp32,) = ort.InferenceSession(str(path)).run(None, {"input_ids": ids.numpy()})[:1]
+    config, path, ids, fp32 = _tiny_fp32_graph(tmp_path)
     assert latency._quantize(path) == 6  # Q, K, V, out-projection, two FFN linears
     ops = Counter(node.op_type for node in onnx.load(str(path)).graph.node)
     assert ops["MatMulInteger"] == 6 and ops["DynamicQuantizeLinear"] == 4  # Q/K/V share their input
@@ -120,17 +128,9 @@ def test_static_int8_proxy_is_the_shipped_ort_u8_form_and_close_to_fp32(tmp_path
     import numpy as np
     import onnx
     import onnxruntime as ort
-    import torch
     from onnx import numpy_helper
-    from transformers import BertModel
 
-    config = _config(vocab_size=100)
-    torch.manual_seed(0)
-    model = BertModel(config).eval()
-    ids = torch.randint(0, 100, (2, 16))
-    path = tmp_path / "model.onnx"
-    latency._export(model, {"input_ids": ids}, path)
-    (fp32,) = ort.InferenceSession(str(path)).run(None, {"input_ids": ids.numpy()})[:1]
+    _, path, ids, fp32 = _tiny_fp32_graph(tmp_path)
     assert latency._quantize_static(path) == 6
     graph = onnx.load(str(path)).graph
     weights = {init.name: numpy_helper.to_array(init) for init in graph.initializer}

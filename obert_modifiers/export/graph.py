@@ -458,6 +458,17 @@ def qdq_to_ort_int8(
     return count
 
 
+def _constant_weight(node: Any, weights: dict[str, Any]) -> Any:
+    """The FP32 2-D constant weight of a ``MatMul`` node (as an array), else ``None``: the MatMuls the
+    INT8 proxies of the latency tables rewrite."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    weight = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+    array = numpy_helper.to_array(weight) if weight is not None else None
+    return array if array is not None and array.ndim == 2 and array.dtype == np.float32 else None
+
+
 def rewrite_dynamic_int8(path: str | os.PathLike) -> int:
     """Rewrite an FP32 graph, in place, into ORT's dynamic INT8 form, the INT8 proxy of the latency
     table (``obert_modifiers.latency``) and a reference row of ``benchmarks/ort_int8.py``: every
@@ -476,9 +487,8 @@ def rewrite_dynamic_int8(path: str | os.PathLike) -> int:
     nodes = []
     count = 0
     for node in graph.node:
-        weight = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        array = numpy_helper.to_array(weight) if weight is not None else None
-        if array is None or array.ndim != 2 or array.dtype != np.float32:
+        array = _constant_weight(node, weights)
+        if array is None:
             nodes.append(node)
             continue
         count += 1
@@ -548,9 +558,8 @@ def rewrite_static_int8(path: str | os.PathLike, activation_scale: float = 0.05)
     fake: dict[str, str] = {}  # activation -> its fake-quantized name (shared by Q/K/V)
     nodes, count = [], 0
     for node in graph.node:
-        weight = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        array = numpy_helper.to_array(weight) if weight is not None else None
-        if array is None or array.ndim != 2 or array.dtype != np.float32:
+        array = _constant_weight(node, weights)
+        if array is None:
             nodes.append(node)
             continue
         count += 1

@@ -73,7 +73,6 @@ from obert_modifiers.algorithms.ziplm import (  # noqa: F401 - re-exported: they
     move_optimizer_state,
     prediction,
 )
-from obert_modifiers.latency import MEASURED, runtime_version
 from obert_modifiers.modifiers._base import recipe_properties, store_recipe
 from obert_modifiers.params import ZipLMPruningParams, validate_recipe
 
@@ -150,8 +149,10 @@ class ZipLMPruningModifier(ScheduledUpdateModifier):
                 "fn(kwargs)}} (SparseML's transformers Trainer passes it; with a manager of your own call "
                 "manager.initialize(model, grad_sampler=...))"
             )
-        if pending and self._latency_runtime in MEASURED:
-            runtime_version(self._latency_runtime)  # a missing runtime fails here, not an epoch later
+        if pending:
+            from obert_modifiers.latency import require_runtime
+
+            require_runtime(self._latency_runtime)  # a missing runtime fails here, not an epoch later
         self._grad_sampler = sampler
         builder = sampler.get("data_loader_builder") if isinstance(sampler, dict) else None
         self._trainer = getattr(builder, "__self__", None)  # the trainer, when the builder is its method

@@ -43,13 +43,12 @@ class ZipLMPruning(NativeModifier):
 
     def bind(self, runner: RecipeRunner) -> None:
         from obert_modifiers.algorithms import shrink
-        from obert_modifiers.latency import MEASURED, LatencyTableError, runtime_version
+        from obert_modifiers.latency import LatencyTableError, require_runtime
 
         if self.steps_done < len(self.targets):  # fail before training, not at the step
             try:
                 shrink.encoder_layers(runner.model)
-                if self.params.latency_runtime in MEASURED:
-                    runtime_version(self.params.latency_runtime)
+                require_runtime(self.params.latency_runtime)
             except (shrink.ShrinkError, LatencyTableError) as error:
                 raise RecipeRunError(f"!{self.tag}: {error}") from None
 
