@@ -12,13 +12,20 @@ that :mod:`~obert_modifiers.algorithms.shrink` leaves in a shrunk model), every 
 * the dense model;
 
 in interleaved rounds (every model once per round, median of the rounds), because a table measured
-at another time or load than the models it predicts is badly off. A layer's attention entry is the
-model's time over the all-removed variant's, divided by the depth (likewise FFN). Blocks are timed in a
-model, where they run: timed as graphs of their own, they added up to 1.3-3.5x the dense model's time
-(measured here; each small session pays ORT's thread-pool hand-offs again). ``base`` is the model with
-every block removed, timed too; ``meta`` keeps the dense model's measured time beside the table's
-prediction. Tables cached by the older method are measured again. ``flops_table`` is the no-runtime
-alternative (MMACs).
+at another time or load than the models it predicts is badly off. The table is the additive model
+(``base`` plus one attention and one FFN entry per layer, each block ``intercept + slope * kept`` and 0
+when removed) fitted by non-negative least squares to all those timings at once
+(:func:`~obert_modifiers.algorithms.latency_search.fit_additive`). The first in-model tables took each
+entry as one model's time over the all-removed variant's, divided by the depth, kept non-decreasing
+with a running maximum; on this project's 2-vCPU machines single timings moved by 10-25 %, the running
+maximum gave whole ranges of widths one price, and every structure the search chose sat at the top of
+such a range: a search seeks out whatever the table underprices, so its errors all point one way.
+Blocks are timed in a model, where they run: timed as graphs of their own, they added up to 1.3-3.5x
+the dense model's time (measured here; each small session pays ORT's thread-pool hand-offs again).
+``meta`` keeps every timed model, the fit and its residuals, and the dense model's measured time
+beside the table's prediction.
+Tables cached by an older method are measured again. ``flops_table`` is the no-runtime alternative
+(MMACs).
 
 ``runtime="deepsparse"`` (the ``deepsparse`` extra) times the same graphs with ``deepsparse.Engine``:
 every graph is compiled once (a compile takes seconds), then timed in the same interleaved rounds. Its
@@ -41,7 +48,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from obert_modifiers.algorithms.latency_search import LatencyKey, LatencySearchError, LatencyTable
+from obert_modifiers.algorithms.latency_search import (
+    LatencyKey,
+    LatencySearchError,
+    LatencyTable,
+    fit_additive,
+)
 from obert_modifiers.errors import ObertError
 from obert_modifiers.export.graph import rewrite_dynamic_int8 as _quantize  # the ORT table's INT8 proxy
 from obert_modifiers.export.graph import rewrite_static_int8 as _quantize_static  # DeepSparse's
@@ -61,7 +73,7 @@ RUNTIMES = ("onnxruntime", "deepsparse", "flops")
 MEASURED = ("onnxruntime", "deepsparse")
 OPSET = 17
 MAX_MISMATCH = 0.15  # a table whose dense prediction is further off than this is not trusted
-METHOD = "in-model"  # how measured tables time blocks (a cached table by another method is re-measured)
+METHOD = "in-model-fit"  # how measured tables are made (a cached table by another method is re-measured)
 
 
 class LatencyTableError(ObertError, RuntimeError):
@@ -205,14 +217,14 @@ def table_cache_path(
 # --- graphs -------------------------------------------------------------------------------------------
 
 
-def _monotone(entries: dict[int, float]) -> dict[int, float]:
-    """Entries made non-decreasing in the kept count (a running maximum): timing noise must not make
-    a wider block look cheaper than a narrower one, which the search would exploit."""
-    out, running = {}, 0.0
-    for kept in sorted(entries):
-        running = max(running, entries[kept])
-        out[kept] = running
-    return out
+def _uniform_structure(key: LatencyKey, name: str) -> tuple[list[int], list[int]]:
+    """Heads and FFN neurons kept per layer in the table's graph ``name`` (see :func:`_graphs`)."""
+    depth, heads, width = key.num_hidden_layers, key.num_attention_heads, key.intermediate_size
+    kept = {"dense": (heads, width), "base": (0, 0)}.get(name)
+    if kept is None:
+        kind, count = name.rsplit("_", 1)
+        kept = (int(count), width) if kind == "attention" else (heads, int(count))
+    return [kept[0]] * depth, [kept[1]] * depth
 
 
 def _bert_config(key: LatencyKey):
@@ -340,7 +352,7 @@ def measure_latency_table(
     key: LatencyKey,
     *,
     ffn_step: int | None = None,
-    rounds: int = 3,
+    rounds: int = 5,
     runs: int = 20,
     warmup: int = 3,
     progress: bool = True,
@@ -403,14 +415,10 @@ def measure_latency_table(
                     bar.update(1)
         compiled.clear()
     ms = {name: statistics.median(values) for name, values in per_round.items()}
-    depth, heads, width = key.num_hidden_layers, key.num_attention_heads, key.intermediate_size
-    ms[f"attention_{heads}"] = ms[f"ffn_{width}"] = ms["dense"]
-    attention0, ffn0 = ms["attention_0"], ms["ffn_0"]
-    # per layer: the whole model's time over its all-removed variant, shared by the layers
-    attention = {k: max(0.0, (ms[f"attention_{k}"] - attention0) / depth) for k in range(heads + 1)}
-    ffn = {n: max(0.0, (ms[f"ffn_{n}"] - ffn0) / depth) for n in grid}
-    attention, ffn = _monotone(attention), _monotone(ffn)
-    base = ms["base"]  # every block removed: embeddings, the stand-ins' LayerNorms, pooler
+    fit = fit_additive([(*_uniform_structure(key, name), ms[name]) for name in ms])
+    attention = {k: fit.attention(k) for k in range(key.num_attention_heads + 1)}
+    ffn = {n: fit.ffn(n) for n in grid}
+    base = fit.base  # embeddings, the stand-ins' LayerNorms, pooler: what no pruning removes
     table = LatencyTable(
         key=key,
         base=base,
@@ -424,8 +432,13 @@ def measure_latency_table(
             "runs": runs,
             "warmup": warmup,
             "dense_measured": ms["dense"],
-            # the whole model with every attention block removed, and with every FFN removed
-            "removed_blocks_ms": {"attention": attention0, "ffn": ffn0},
+            "models_ms": {name: round(value, 4) for name, value in ms.items()},  # what the fit saw
+            "fit": {
+                "attention": {"intercept": fit.attention.intercept, "slope": fit.attention.slope},
+                "ffn": {"intercept": fit.ffn.intercept, "slope": fit.ffn.slope},
+                "rms_ms": round(fit.rms, 4),
+                "max_abs_residual_ms": round(max(abs(r) for r in fit.residuals), 4),
+            },
             "method": METHOD,
             "cpu_flags": cpu_flags(),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

@@ -147,21 +147,28 @@ def test_static_int8_proxy_is_the_shipped_ort_u8_form_and_close_to_fp32(tmp_path
     assert 0 < diff.mean() < 0.05, diff.mean()
 
 
-def test_measured_entries_never_fall_as_blocks_widen_and_predict_the_dense_model(tmp_path):
-    """In-model timing: each entry is an increment per layer, made non-decreasing (noise must not make
-    a wider block look cheaper); base is the model with every block removed."""
+def test_measured_tables_are_the_additive_fit_of_every_timed_model(tmp_path):
+    """The table is the non-negative least-squares fit of the additive model to every timed graph: no
+    entry falls as a block widens, a removed block costs 0, every timed model and the fit's residuals
+    are kept, and the table predicts each timed model as the fit does."""
     config = _config(num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
     table = latency.latency_table(config, cache_dir=tmp_path, **{**FAST, "ffn_step": 32})
     for entries in (table.attention, table.ffn):
         values = [entries[k] for k in sorted(entries)]
         assert values == sorted(values) and values[0] == 0.0
-    assert table.meta["method"] == "in-model"
-    # base is the model with every block removed, timed: below the dense model, and part of the prediction
-    assert 0 < table.base < table.meta["dense_measured"]
+    assert table.meta["method"] == latency.METHOD == "in-model-fit"
+    timed = table.meta["models_ms"]
+    graphs = {"dense", "base", *(f"attention_{k}" for k in range(4)), *(f"ffn_{n}" for n in (0, 32, 64, 96))}
+    assert set(timed) == graphs
+    fit = table.meta["fit"]
+    assert table.attention[3] == pytest.approx(fit["attention"]["intercept"] + 3 * fit["attention"]["slope"])
+    assert table.ffn[64] == pytest.approx(fit["ffn"]["intercept"] + 64 * fit["ffn"]["slope"])
+    residuals = [timed[name] - table.predict(*latency._uniform_structure(table.key, name)) for name in timed]
+    assert max(abs(r) for r in residuals) == pytest.approx(fit["max_abs_residual_ms"], abs=1e-3)
     assert table.meta["dense_predicted"] == pytest.approx(
         table.base + 2 * (table.attention[4] + table.ffn[128])
     )
-    assert latency._monotone({0: 0.0, 1: 2.0, 2: 1.0, 3: 3.0}) == {0: 0.0, 1: 2.0, 2: 2.0, 3: 3.0}
+    assert 0 <= table.base < table.meta["dense_measured"]
     # whether the blocks add up to the dense model is recorded, and a table that does not is not trusted
     ratio = table.meta["dense_predicted"] / table.meta["dense_measured"]
     assert table.meta["consistency"] == pytest.approx(ratio, rel=1e-3)

@@ -15,6 +15,11 @@ within the budget: a knapsack solved exactly by dynamic programming over Pareto 
 (time, error), with the front thinned to ``max_states`` time buckets only when it grows past that.
 Times are never rounded, so the answer never exceeds the budget and hits it exactly when the best
 configuration does.
+
+:func:`fit_additive` turns timed whole models into a table: the additive model above with every block
+affine in what it keeps (``intercept + slope * kept``, 0 when the block is removed), fitted by
+non-negative least squares to all the timed models at once. Per-entry differences of single timings
+are noisy, and a search exploits noise: it picks exactly the widths the table underprices.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ __all__ = [
     "StructureChoice",
     "search_structure",
     "search_uniform",
+    "BlockFit",
+    "AdditiveFit",
+    "fit_additive",
 ]
 
 TABLE_FORMAT = "obert-latency-table/1"
@@ -234,6 +242,83 @@ class LatencyTable:
             )
         except LatencySearchError as exc:
             raise LatencySearchError(f"{source}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class BlockFit:
+    """One block's time as a function of what it keeps: 0 when removed, else ``intercept + slope * kept``
+    (the LayerNorm, residual and per-operator overhead, then the matrices that shrink)."""
+
+    intercept: float
+    slope: float
+
+    def __call__(self, kept: int) -> float:
+        return 0.0 if kept == 0 else self.intercept + self.slope * kept
+
+
+@dataclass(frozen=True)
+class AdditiveFit:
+    """:func:`fit_additive`'s answer: ``base`` and the two block fits, with each model's measured time
+    minus its fitted time (``residuals``, in the models' order)."""
+
+    base: float
+    attention: BlockFit
+    ffn: BlockFit
+    residuals: tuple[float, ...]
+
+    def predict(self, heads: Sequence[int], ffn: Sequence[int]) -> float:
+        return self.base + sum(self.attention(k) for k in heads) + sum(self.ffn(n) for n in ffn)
+
+    @property
+    def rms(self) -> float:
+        return math.sqrt(sum(r * r for r in self.residuals) / len(self.residuals))
+
+
+def _features(heads: Sequence[int], ffn: Sequence[int]) -> list[float]:
+    """The additive model's regressors: base, attention blocks kept, heads, FFN blocks kept, neurons."""
+    return [1.0, sum(k > 0 for k in heads), sum(heads), sum(n > 0 for n in ffn), sum(ffn)]
+
+
+def fit_additive(models: Sequence[tuple[Sequence[int], Sequence[int], float]]) -> AdditiveFit:
+    """Fit ``time = base + sum_l attention(heads_l) + ffn(neurons_l)`` (each block a :class:`BlockFit`) to
+    timed models ``(heads kept per layer, neurons kept per layer, time)``: least squares of the relative
+    errors (timing noise grows with the time; a speed-up is a ratio), every coefficient >= 0 so no entry
+    falls as a block widens, solved exactly: the non-negative optimum is the unconstrained optimum on
+    its own support, and with 5 coefficients every support is tried."""
+    if len(models) < 5:
+        raise LatencySearchError(f"fit_additive: needs at least 5 timed models, got {len(models)}")
+    for heads, ffn, seconds in models:
+        if len(heads) != len(ffn) or not math.isfinite(seconds) or seconds <= 0:
+            raise LatencySearchError(
+                f"fit_additive: a model needs as many head counts as FFN widths and a finite "
+                f"positive time, got {len(heads)} / {len(ffn)} / {seconds}"
+            )
+    x = torch.tensor([_features(h, f) for h, f, _ in models], dtype=torch.float64)
+    y = torch.tensor([t for _, _, t in models], dtype=torch.float64)
+    scale = x.abs().amax(dim=0).clamp_min(1.0)  # columns span 1 to thousands of neurons
+    xs = x / scale / y.unsqueeze(1)  # relative errors: each row divided by its time
+    target = torch.ones_like(y)
+    best: tuple[float, torch.Tensor] | None = None
+    for support in range(1, 1 << x.shape[1]):
+        columns = [j for j in range(x.shape[1]) if support >> j & 1]
+        solution = torch.linalg.lstsq(xs[:, columns], target.unsqueeze(1)).solution.squeeze(1)
+        if (solution < 0).any():
+            continue
+        coef = torch.zeros(x.shape[1], dtype=torch.float64)
+        coef[columns] = solution
+        error = float(((xs @ coef - target) ** 2).sum())
+        if best is None or error < best[0] - 1e-12 * max(1.0, error):
+            best = (error, coef)
+    if best is None:  # every support fits a negative coefficient: all-zero is the non-negative optimum
+        best = (float(len(models)), torch.zeros(x.shape[1], dtype=torch.float64))
+    coef = (best[1] / scale).tolist()
+    fitted = x @ torch.tensor(coef, dtype=torch.float64)
+    return AdditiveFit(
+        base=coef[0],
+        attention=BlockFit(coef[1], coef[2]),
+        ffn=BlockFit(coef[3], coef[4]),
+        residuals=tuple((y - fitted).tolist()),
+    )
 
 
 def _select(tensors: tuple[torch.Tensor, ...], index: torch.Tensor) -> tuple[torch.Tensor, ...]:
