@@ -217,6 +217,62 @@ def register(app: typer.Typer) -> None:
             return
         _print_recipe(summary)
 
+    @app.command("latency-table")
+    def latency_table_command(
+        model: str = typer.Argument(..., help="Model folder (its config.json gives the shape)"),
+        output: Path = typer.Option(..., "--output", help="Table file to write (JSON)"),
+        runtime: str = typer.Option("onnxruntime", "--runtime", help="onnxruntime, deepsparse or flops"),
+        threads: int = typer.Option(2, "--threads", min=1, help="Intra-op threads (the deployment's)"),
+        batch_size: int = typer.Option(1, "--batch-size", min=1, help="Batch size"),
+        sequence_length: int = typer.Option(128, "--sequence-length", min=1, help="Sequence length"),
+        precision: str = typer.Option("fp32", "--precision", help="fp32, or int8 when QAT follows"),
+        layers: int = typer.Option(
+            None, "--layers", min=1, help="Depth when ZipLM starts (after a layer drop); default: the model's"
+        ),
+        rounds: int = typer.Option(5, "--rounds", min=1, help="Interleaved timing rounds"),
+        refresh: bool = typer.Option(False, "--refresh", help="Measure again even when a cached table fits"),
+    ):
+        """Measure the latency table ZipLM searches on, here, and write it to a file.
+
+        Run it on the machine you deploy on, with its thread count; then give the file to
+        !ZipLMPruningModifier as latency_table_file on the machine that trains (a GPU box need not
+        time anything). The table is also cached here. Prints whether it can be trusted: the dense
+        model's predicted time against its measured one, and the load while it was measured."""
+        apply_offline_defaults()
+        from transformers import AutoConfig
+
+        from obert_modifiers.deployment import atomic_write_text
+        from obert_modifiers.latency import LatencyTableError, latency_table
+
+        try:
+            config = AutoConfig.from_pretrained(model)
+        except (OSError, ValueError) as error:
+            message = f"obert latency-table: cannot read a model config from {model!r} ({error})"
+            raise LatencyTableError(message) from None
+        if layers is not None:
+            config.num_hidden_layers = layers
+        extra = {"rounds": rounds, "refresh": refresh} if runtime != "flops" else {}
+        table = latency_table(
+            config, runtime=runtime, threads=threads, batch_size=batch_size,
+            sequence_length=sequence_length, precision=precision, **extra,
+        )  # fmt: skip
+        atomic_write_text(output, table.to_json())
+        meta, key = table.meta, table.key
+        where = f"{key.runtime} {key.runtime_version} on {key.cpu or 'any CPU'}"
+        typer.echo(
+            f"{output}: {where}, {key.threads} threads, batch {key.batch_size}, seq {key.sequence_length}, "
+            f"{key.precision}, {key.num_hidden_layers} layers"
+        )
+        if meta.get("source") == "measured":
+            load = meta.get("load_average") or ["?"]
+            trusted = "yes" if meta["trusted"] else "NO, measure again on a quiet machine"
+            typer.echo(
+                f"dense model: {meta['dense_measured']:.3f} ms measured, {meta['dense_predicted']:.3f} ms "
+                f"predicted ({meta['consistency']:.2f}x); fit residual up to "
+                f"{meta['fit']['max_abs_residual_ms']:.3f} ms; measured in {meta['total_s']:.0f} s at "
+                f"1-minute load {load[0]:.2f}; trusted: {trusted}"
+            )
+
     data_app = typer.Typer(help="Data sets bundled through registry packages (see docs/data.md).")
     app.add_typer(data_app, name="data")
 

@@ -66,6 +66,7 @@ __all__ = [
     "flops_table",
     "measure_latency_table",
     "latency_table",
+    "read_table_file",
     "table_cache_path",
 ]
 
@@ -488,14 +489,23 @@ def latency_table(
     cache_dir: str | os.PathLike | None = None,
     refresh: bool = False,
     progress: bool = True,
+    table_file: str | os.PathLike | None = None,
     **measure: Any,
 ) -> LatencyTable:
     """The latency table of ``config``'s shape in this setting: read from the cache when a table with
     the same key is there (unless ``refresh``), else measured (``"onnxruntime"``, ``"deepsparse"``) or counted
     (``"flops"``) and cached with an atomic write; ``"deepsparse"`` needs the ``deepsparse`` extra.
+    ``table_file`` (a table measured elsewhere, e.g. by ``obert latency-table`` on the deployment
+    machine) is read and checked instead (:func:`read_table_file`); nothing is measured or cached.
     ``measure`` goes to :func:`measure_latency_table`."""
     from obert_modifiers.deployment import atomic_write_text
 
+    if table_file is not None:
+        setting = dict(
+            runtime=runtime, threads=threads, batch_size=batch_size, sequence_length=sequence_length,
+            precision=precision,
+        )  # fmt: skip
+        return read_table_file(table_file, config, **setting)
     key = shape_key(
         config,
         runtime=runtime,
@@ -519,3 +529,62 @@ def latency_table(
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, table.to_json())
     return table
+
+
+# the recipe key that sets each field of a table's key (the shape comes from the model)
+SETTING_KEYS = {
+    "runtime": "latency_runtime",
+    "threads": "latency_threads",
+    "batch_size": "latency_batch_size",
+    "sequence_length": "latency_sequence_length",
+    "precision": "latency_precision",
+}
+
+
+def read_table_file(
+    path: str | os.PathLike,
+    config: Any,
+    *,
+    runtime: str = "onnxruntime",
+    threads: int = 2,
+    batch_size: int = 1,
+    sequence_length: int = 128,
+    precision: str = "fp32",
+    depth: bool = True,
+) -> LatencyTable:
+    """A table measured elsewhere (``obert latency-table --output``), checked before it is used: the
+    file must be a valid table, of ``config``'s shape, measured in the setting asked for. The CPU and
+    runtime version it names are the measuring machine's, which is the point (train here, time there).
+    ``depth=False`` leaves the layer count out (the check before training: a layer drop may come
+    before the first pruning step)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LatencyTableError(f"latency_table_file {str(path)!r}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LatencyTableError(f"latency_table_file {str(path)!r}: cannot be read ({exc})") from None
+    try:
+        table = LatencyTable.from_json(text, source=f"latency_table_file {str(path)!r}")
+    except LatencySearchError as exc:
+        raise LatencyTableError(str(exc)) from None
+    wanted = {"runtime": runtime, "threads": threads, "batch_size": batch_size,
+              "sequence_length": sequence_length, "precision": precision}  # fmt: skip
+    problems = [
+        f"{name} {getattr(table.key, name)!r} where the recipe's {SETTING_KEYS[name]} is {value!r}"
+        for name, value in wanted.items()
+        if getattr(table.key, name) != value
+    ]
+    problems += [
+        f"{name} {getattr(table.key, name)} where the model has {value}"
+        for name, value in _shape(config).items()
+        if getattr(table.key, name) != value and (depth or name != "num_hidden_layers")
+    ]
+    if problems:
+        raise LatencyTableError(
+            f"latency_table_file {str(path)!r} does not fit: it was measured with "
+            + "; ".join(problems)
+            + " (measure one for this setting and shape with `obert latency-table`, or change the keys)"
+        )
+    return table
+

@@ -549,6 +549,12 @@ class ZipLMPruningParams(RecipeParams):
     latency_cache_dir: str | None = key(
         None, expected="a folder path", doc="where tables are cached (null: <obert cache>/latency)"
     )
+    latency_table_file: str | None = key(
+        None,
+        expected="a path to a latency table JSON",
+        doc="a table measured elsewhere (`obert latency-table` on the deployment machine), used instead of "
+        "measuring here; it must be of the model's shape and the latency_* keys' setting",
+    )
     seed: int = key(0, ge=0, doc="seed of the calibration batches (step k draws with seed + k)")
     structure: dict[str, Any] | None = key(
         None,

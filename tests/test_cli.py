@@ -478,3 +478,35 @@ def test_a_command_whose_stack_is_not_installed_names_the_extra(tiny_bert_dir, t
 
     assert "obert-modifiers[hub]" in missing_extra_line(ModuleNotFoundError("x", name="httpx"))
     assert missing_extra_line(ModuleNotFoundError("x", name="obert_modifiers.nope")) is None
+
+
+def test_latency_table_measures_here_and_writes_a_table_the_modifier_reads(run, tmp_path):
+    """``obert latency-table``: the table of a model folder's shape, at the depth asked for, measured on
+    this machine and written to a file; the modifier's file check accepts it for that setting."""
+    from obert_modifiers.algorithms.latency_search import LatencyTable
+    from obert_modifiers.latency import read_table_file
+    from obert_modifiers.models import save_tiny_bert
+
+    model = save_tiny_bert(tmp_path / "model", num_layers=4, heads=2, intermediate=64)
+    out = tmp_path / "table.json"
+    result = run(
+        "latency-table", model, "--output", out, "--threads", "1", "--sequence-length", "16",
+        "--layers", "2", "--rounds", "1",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    table = LatencyTable.from_json(out.read_text())
+    assert (table.key.threads, table.key.sequence_length, table.key.num_hidden_layers) == (1, 16, 2)
+    assert table.meta["source"] == "measured" and table.meta["rounds"] == 1
+    assert "dense model:" in result.output and "trusted:" in result.output
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    config.num_hidden_layers = 2
+    read = read_table_file(out, config, runtime="onnxruntime", threads=1, sequence_length=16)
+    assert read.to_json() == table.to_json()
+
+
+def test_latency_table_names_a_folder_without_a_model(tmp_path):
+    result = _obert("latency-table", str(tmp_path / "nothing"), "--output", str(tmp_path / "t.json"))
+    assert result.returncode == 1 and result.stderr.startswith("error: obert latency-table: cannot read")
+    assert str(tmp_path / "nothing") in result.stderr and not (tmp_path / "t.json").exists()

@@ -278,6 +278,82 @@ def test_ort_latency_table_drives_the_search_and_is_read_from_the_cache(tmp_path
     assert path.stat().st_mtime_ns == stamp  # read back, not re-measured
 
 
+def _table_file(path: Path, config, **over) -> Path:
+    """A table as ``obert latency-table --output`` writes it on another machine (its CPU, its runtime)."""
+    from obert_modifiers.algorithms.latency_search import LatencyKey
+    from obert_modifiers.latency import flops_table
+
+    fields = dict(
+        runtime="onnxruntime", threads=1, batch_size=1, sequence_length=SEQ, precision="fp32",
+        hidden_size=config.hidden_size, num_attention_heads=config.num_attention_heads,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+        runtime_version="9.9.9", cpu="the deployment CPU",
+    )  # fmt: skip
+    path.write_text(flops_table(LatencyKey(**{**fields, **over})).to_json())
+    return path
+
+
+def test_a_table_file_from_the_deployment_machine_drives_the_search_without_timing_here(tmp_path):
+    """``latency_table_file``: the table measured where the model will run is used as it is (its CPU and
+    runtime version are the deployment machine's); nothing is measured or cached here."""
+    from obert_modifiers.algorithms.latency_search import LatencyTable
+    from obert_modifiers.algorithms.shrink import read_structure
+
+    _, model = _model(tmp_path)
+    path = _table_file(tmp_path / "table.json", model.config)
+    cache = tmp_path / "cache"
+    extra = f"    latency_table_file: {path}\n    latency_cache_dir: {cache}\n"
+    manager = _manager(_recipe([1.5], runtime="onnxruntime", extra=extra))
+    manager.initialize(model, epoch=0.0, grad_sampler=_sampler(_batches()))
+    manager.update(model, None, 0.0, 1)
+    structure = read_structure(model)
+    table = LatencyTable.from_json(path.read_text())
+    assert table.speedup(structure["heads"], structure["ffn"]) >= 1.5 - 1e-9
+    assert model.config.obert_ziplm["latency_key"]["cpu"] == "the deployment CPU"
+    assert not cache.exists()  # nothing timed, nothing cached
+
+
+@pytest.mark.parametrize(
+    ("over", "text", "message"),
+    [
+        ({"threads": 4}, None, r"threads 4 where the recipe's latency_threads is 1"),
+        ({"precision": "int8"}, None, r"precision 'int8' where the recipe's latency_precision is 'fp32'"),
+        ({"hidden_size": 64, "num_attention_heads": 4}, None, r"hidden_size 64 where the model has 32"),
+        ({}, "{not json", r"latency_table_file '.*bad.json': not JSON"),
+        ({}, '{"format": "obert-latency-table/1", "key": {}}', r"missing fields \['base', 'attention'"),
+    ],
+)
+def test_a_table_file_that_does_not_fit_is_refused_before_training(tmp_path, over, text, message):
+    """A table file of another setting, another shape, or not a table at all is refused when the manager
+    initializes, naming the file and what differs (the recipe key, or the model's field)."""
+    _, model = _model(tmp_path)
+    path = _table_file(tmp_path / "bad.json", model.config, **over)
+    if text is not None:
+        path.write_text(text)
+    from obert_modifiers.latency import LatencyTableError
+
+    manager = _manager(_recipe([1.5], runtime="onnxruntime", extra=f"    latency_table_file: {path}\n"))
+    with pytest.raises(LatencyTableError, match=message):
+        manager.initialize(model, epoch=0.0, grad_sampler=_sampler(_batches()))
+
+
+def test_a_missing_table_file_is_named_and_the_depth_is_checked_at_the_step(tmp_path):
+    """A missing file fails at initialize; a file for another depth passes initialize (a layer drop may
+    come first) and is refused at the step, where the depth is known."""
+    from obert_modifiers.latency import LatencyTableError
+
+    _, model = _model(tmp_path)
+    missing = tmp_path / "nowhere.json"
+    manager = _manager(_recipe([1.5], runtime="onnxruntime", extra=f"    latency_table_file: {missing}\n"))
+    with pytest.raises(LatencyTableError, match=r"latency_table_file '.*nowhere.json': no such file"):
+        manager.initialize(model, epoch=0.0, grad_sampler=_sampler(_batches()))
+    deeper = _table_file(tmp_path / "deep.json", model.config, num_hidden_layers=6)
+    manager = _manager(_recipe([1.5], runtime="onnxruntime", extra=f"    latency_table_file: {deeper}\n"))
+    manager.initialize(model, epoch=0.0, grad_sampler=_sampler(_batches()))
+    with pytest.raises(LatencyTableError, match=r"num_hidden_layers 6 where the model has 4"):
+        manager.update(model, None, 0.0, 1)
+
+
 STOCK_RECIPE = """
 version: 1.1.0
 modifiers:

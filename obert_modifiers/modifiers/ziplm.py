@@ -22,6 +22,7 @@ Recipe keys (:class:`~obert_modifiers.params.ZipLMPruningParams`)::
       latency_sequence_length: 128
       latency_precision: fp32          # int8 when QAT follows
       latency_cache_dir: null
+      latency_table_file: null         # a table measured on the deployment machine (obert latency-table)
       # written by the modifier after every step (the saved recipe.yaml re-checks them on reload):
       structure: null                  # {format: 1, heads: [per layer], ffn: [per layer]}
       steps_done: 0
@@ -149,7 +150,13 @@ class ZipLMPruningModifier(ScheduledUpdateModifier):
                 "fn(kwargs)}} (SparseML's transformers Trainer passes it; with a manager of your own call "
                 "manager.initialize(model, grad_sampler=...))"
             )
-        if pending:
+        if pending and self._latency_table_file is not None:
+            from obert_modifiers.latency import read_table_file
+
+            # a missing or unfit table file fails here, not an epoch later (the depth is checked at
+            # the step: a layer drop may come first)
+            read_table_file(self._latency_table_file, module.config, depth=False, **self._latency_setting())
+        elif pending:  # a table file needs no runtime here
             from obert_modifiers.latency import require_runtime
 
             require_runtime(self._latency_runtime)  # a missing runtime fails here, not an epoch later
@@ -204,14 +211,20 @@ class ZipLMPruningModifier(ScheduledUpdateModifier):
         if self._table is None:
             self._table = latency_table(
                 module.config,
-                runtime=self._latency_runtime,
-                threads=self._latency_threads,
-                batch_size=self._latency_batch_size,
-                sequence_length=self._latency_sequence_length,
-                precision=self._latency_precision,
                 cache_dir=self._latency_cache_dir,
+                table_file=self._latency_table_file,
+                **self._latency_setting(),
             )
         return self._table
+
+    def _latency_setting(self) -> dict[str, Any]:
+        return {
+            "runtime": self._latency_runtime,
+            "threads": self._latency_threads,
+            "batch_size": self._latency_batch_size,
+            "sequence_length": self._latency_sequence_length,
+            "precision": self._latency_precision,
+        }
 
     def _step(self, module: nn.Module, optimizer, epoch: float = math.inf, steps_per_epoch: int = 1) -> None:
         # calibration batches (seed + step) and the new layers' initialisation draw from a forked RNG:

@@ -43,14 +43,35 @@ class ZipLMPruning(NativeModifier):
 
     def bind(self, runner: RecipeRunner) -> None:
         from obert_modifiers.algorithms import shrink
-        from obert_modifiers.latency import LatencyTableError, require_runtime
+        from obert_modifiers.latency import LatencyTableError, read_table_file, require_runtime
 
+        p = self.params
         if self.steps_done < len(self.targets):  # fail before training, not at the step
             try:
                 shrink.encoder_layers(runner.model)
-                require_runtime(self.params.latency_runtime)
+                if p.latency_table_file is None:  # a table file needs no runtime here
+                    require_runtime(p.latency_runtime)
+                else:  # a missing or unfit table file fails here (its depth at the step: a drop may
+                    # come first)
+                    read_table_file(p.latency_table_file, runner.model.config, depth=False, **self._setting())
             except (shrink.ShrinkError, LatencyTableError) as error:
                 raise RecipeRunError(f"!{self.tag}: {error}") from None
+
+    def _table(self, model):
+        from obert_modifiers.latency import latency_table
+
+        p = self.params
+        return latency_table(
+            model.config, cache_dir=p.latency_cache_dir, progress=False, table_file=p.latency_table_file,
+            **self._setting(),
+        )
+
+    def _setting(self) -> dict:
+        p = self.params
+        return {
+            "runtime": p.latency_runtime, "threads": p.latency_threads, "batch_size": p.latency_batch_size,
+            "sequence_length": p.latency_sequence_length, "precision": p.latency_precision,
+        }  # fmt: skip
 
     def update_ready(self, epoch: float) -> bool:
         if self.steps_done >= len(self.targets):
@@ -71,7 +92,6 @@ class ZipLMPruning(NativeModifier):
 
     def _step(self, ctx: StepContext) -> None:
         from obert_modifiers.algorithms import latency_search, shrink, ziplm
-        from obert_modifiers.latency import latency_table
 
         began = time.perf_counter()  # the step's cost, as the SparseML adapter logs it (table included)
         p, model, runner = self.params, ctx.model, ctx.runner
@@ -83,11 +103,7 @@ class ZipLMPruning(NativeModifier):
         except shrink.ShrinkError as error:
             raise RecipeRunError(f"!{self.tag}: {error}") from None
         if self.table is None:
-            self.table = latency_table(
-                model.config, runtime=p.latency_runtime, threads=p.latency_threads,
-                batch_size=p.latency_batch_size, sequence_length=p.latency_sequence_length,
-                precision=p.latency_precision, cache_dir=p.latency_cache_dir, progress=False,
-            )  # fmt: skip
+            self.table = self._table(model)
         was_training = model.training
         model.eval()
         try:
