@@ -539,24 +539,24 @@ SETTING_KEYS = {
     "sequence_length": "latency_sequence_length",
     "precision": "latency_precision",
 }
+DEFAULT_SETTING = {
+    "runtime": "onnxruntime", "threads": 2, "batch_size": 1, "sequence_length": 128, "precision": "fp32",
+}  # fmt: skip
 
 
 def read_table_file(
-    path: str | os.PathLike,
-    config: Any,
-    *,
-    runtime: str = "onnxruntime",
-    threads: int = 2,
-    batch_size: int = 1,
-    sequence_length: int = 128,
-    precision: str = "fp32",
-    depth: bool = True,
+    path: str | os.PathLike, config: Any, *, depth: bool = True, **setting: Any
 ) -> LatencyTable:
     """A table measured elsewhere (``obert latency-table --output``), checked before it is used: the
-    file must be a valid table, of ``config``'s shape, measured in the setting asked for. The CPU and
-    runtime version it names are the measuring machine's, which is the point (train here, time there).
+    file must be a valid table, of ``config``'s shape, measured in the ``setting`` asked for (the
+    :data:`SETTING_KEYS` fields; :data:`DEFAULT_SETTING` for those not given). The CPU and runtime
+    version it names are the measuring machine's, which is the point (train here, time there).
     ``depth=False`` leaves the layer count out (the check before training: a layer drop may come
     before the first pruning step)."""
+    unknown = sorted(set(setting) - set(SETTING_KEYS))
+    if unknown:
+        raise TypeError(f"read_table_file: unknown setting {unknown} (known: {sorted(SETTING_KEYS)})")
+    wanted = {**DEFAULT_SETTING, **setting}
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -568,8 +568,6 @@ def read_table_file(
         table = LatencyTable.from_json(text, source=f"latency_table_file {str(path)!r}")
     except LatencySearchError as exc:
         raise LatencyTableError(str(exc)) from None
-    wanted = {"runtime": runtime, "threads": threads, "batch_size": batch_size,
-              "sequence_length": sequence_length, "precision": precision}  # fmt: skip
     problems = [
         f"{name} {getattr(table.key, name)!r} where the recipe's {SETTING_KEYS[name]} is {value!r}"
         for name, value in wanted.items()

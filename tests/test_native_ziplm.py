@@ -155,20 +155,11 @@ def test_a_deepsparse_latency_table_without_deepsparse_fails_before_training(tmp
         trainer(recipe, tmp_path, model=four_head_bert())
 
 
-def _table_file(path, model, **over):
-    """A table as ``obert latency-table --output`` writes it on another machine (its CPU, its runtime)."""
-    from obert_modifiers.algorithms.latency_search import LatencyKey
-    from obert_modifiers.latency import flops_table
+def _table_file(path, config, **over):
+    """A DeepSparse table from "the deployment machine" in the setting of ``RECIPE``."""
+    from obert_modifiers.testing.latency_fixtures import table_file
 
-    c = model.config
-    fields = dict(
-        runtime="deepsparse", threads=2, batch_size=1, sequence_length=12, precision="fp32",
-        hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads,
-        intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
-        runtime_version="1.8.0", cpu="the deployment CPU",
-    )  # fmt: skip
-    path.write_text(flops_table(LatencyKey(**{**fields, **over})).to_json())
-    return path
+    return table_file(path, config, **{"runtime": "deepsparse", "sequence_length": 12, **over})
 
 
 def test_a_table_file_from_the_deployment_machine_needs_no_runtime_here(tmp_path):
@@ -177,7 +168,7 @@ def test_a_table_file_from_the_deployment_machine_needs_no_runtime_here(tmp_path
     from obert_modifiers.native import RecipeRunError
 
     model = four_head_bert()
-    table = _table_file(tmp_path / "table.json", model)
+    table = _table_file(tmp_path / "table.json", model.config)
     recipe = RECIPE.replace(
         "latency_runtime: flops", f"latency_runtime: deepsparse\n    latency_table_file: {table}"
     )
@@ -185,6 +176,6 @@ def test_a_table_file_from_the_deployment_machine_needs_no_runtime_here(tmp_path
     run.train()
     (ziplm,) = [m for m in run.recipe_runner.modifiers if m.tag == "ZipLMPruningModifier"]
     assert ziplm.history[0]["predicted"] >= 1.6 and ziplm.table.key.cpu == "the deployment CPU"
-    other = _table_file(tmp_path / "other.json", model, threads=4)
+    other = _table_file(tmp_path / "other.json", model.config, threads=4)
     with pytest.raises(RecipeRunError, match=r"threads 4 where the recipe's latency_threads is 2"):
         trainer(recipe.replace(str(table), str(other)), tmp_path / "other", model=four_head_bert())

@@ -279,18 +279,10 @@ def test_ort_latency_table_drives_the_search_and_is_read_from_the_cache(tmp_path
 
 
 def _table_file(path: Path, config, **over) -> Path:
-    """A table as ``obert latency-table --output`` writes it on another machine (its CPU, its runtime)."""
-    from obert_modifiers.algorithms.latency_search import LatencyKey
-    from obert_modifiers.latency import flops_table
+    """A table from "the deployment machine" in the setting of :func:`_recipe`."""
+    from obert_modifiers.testing.latency_fixtures import table_file
 
-    fields = dict(
-        runtime="onnxruntime", threads=1, batch_size=1, sequence_length=SEQ, precision="fp32",
-        hidden_size=config.hidden_size, num_attention_heads=config.num_attention_heads,
-        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
-        runtime_version="9.9.9", cpu="the deployment CPU",
-    )  # fmt: skip
-    path.write_text(flops_table(LatencyKey(**{**fields, **over})).to_json())
-    return path
+    return table_file(path, config, **{"threads": 1, "sequence_length": SEQ, **over})
 
 
 def test_a_table_file_from_the_deployment_machine_drives_the_search_without_timing_here(tmp_path):
