@@ -437,9 +437,14 @@ def report(payload: dict) -> None:
     loads = [r["load_average_1m"] for r in timings if r.get("load_average_1m") is not None]
     load_text = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "n/a"
     z = payload["ziplm"]
+    stage_seconds = {r["stage"]: r["train_seconds"] or 0.0 for r in payload["models"]}
+    stage_minutes = sum(stage_seconds.values()) / 60
     command = "python benchmarks/structured.py" + (" --quick" if smoke else "")
     if cfg["max_train"] != SETTINGS[mode]["max_train"]:
         command += f" --max-train {cfg['max_train'] or 0}"
+    for name in ("rounds", "seconds"):
+        if cfg[name] != SETTINGS[mode][name]:
+            command += f" --{name} {cfg[name]:g}"
     # fmt: off
     notes = [
         f"Mode `{mode}` ({'smoke run: accuracy not meaningful' if smoke else 'measurement'}): "
@@ -470,7 +475,9 @@ def report(payload: dict) -> None:
         f"from the cache afterwards; dense predicted / measured {table.get('consistency')}: {trust}); ZipLM "
         "pruning steps "
         + (f"{min(steps):.0f}-{max(steps):.0f} s each ({len(steps)} steps)" if steps else "n/a")
-        + f"; training wall time {payload['train_wall_seconds'] / 60:.0f} min ({payload['jobs']} jobs).",
+        + f"; training: the stages' own times sum to {stage_minutes:.0f} min, {payload['jobs']} run side by "
+        f"side ({payload['train_wall_seconds'] / 60:.0f} min of wall time in the run that wrote this "
+        "section; stages trained by an earlier run were reused).",
         f"p: McNemar's exact test against {REFERENCE} on the same test snippets.",
         f"Source: `{command}`; JSON `{json_path.relative_to(ROOT)}`, plot `{png_path.relative_to(ROOT)}`.",
     ]
