@@ -205,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refresh-table", action="store_true", help="re-measure the cached latency table")
     parser.add_argument("--train-only", action="store_true", help="train (or reuse) the stages, then stop")
     parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="leave out a stage that nothing else needs, and its rows (a partial run; the section says so)",
+    )
+    parser.add_argument(
         "--allow-untrusted-table",
         action="store_true",
         help="go on with a latency table measured under load or that does not add up (its figures say so)",
@@ -239,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     plan, rows = stages(cfg, z, args.threads, table_cost["digest"])
+    needed = {n for s in plan if s.name not in args.skip for n in (s.parent, s.teacher) if n}
+    unknown, blocked = sorted(set(args.skip) - {s.name for s in plan}), sorted(needed & set(args.skip))
+    if unknown or blocked:
+        parser.error(f"--skip: unknown stages {unknown}, stages others need {blocked}")
+    plan = [s for s in plan if s.name not in args.skip]
+    rows = {name: row for name, row in rows.items() if row[0] not in args.skip}
     started = time.perf_counter()
     trained = pipeline.run_stages(plan, work / "stages", data, training, args.jobs)
     train_wall = time.perf_counter() - started
@@ -294,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode": mode, "settings": cfg, "ziplm": z, "threads": args.threads, "jobs": args.jobs,
         "train_wall_seconds": train_wall,
         "models": models, "timings": timings, "significance_vs_reference": significance, "costs": costs,
-        "reference": REFERENCE, "machine": machine, "test_rows": len(texts),
+        "reference": REFERENCE, "machine": machine, "test_rows": len(texts), "skipped": args.skip,
     }  # fmt: skip
     report(payload)
     return 0
@@ -445,6 +458,7 @@ def report(payload: dict) -> None:
     for name in ("rounds", "seconds"):
         if cfg[name] != SETTINGS[mode][name]:
             command += f" --{name} {cfg[name]:g}"
+    command += "".join(f" --skip {name}" for name in payload.get("skipped", []))
     # fmt: off
     notes = [
         f"Mode `{mode}` ({'smoke run: accuracy not meaningful' if smoke else 'measurement'}): "
@@ -479,6 +493,11 @@ def report(payload: dict) -> None:
         f"side ({payload['train_wall_seconds'] / 60:.0f} min of wall time in the run that wrote this "
         "section; stages trained by an earlier run were reused).",
         f"p: McNemar's exact test against {REFERENCE} on the same test snippets.",
+        *(
+            [f"**Partial run**: stages left out ({', '.join(payload['skipped'])}); their rows are missing."]
+            if payload.get("skipped")
+            else []
+        ),
         f"Source: `{command}`; JSON `{json_path.relative_to(ROOT)}`, plot `{png_path.relative_to(ROOT)}`.",
     ]
     # fmt: on
