@@ -251,10 +251,9 @@ def register(app: typer.Typer) -> None:
             raise LatencyTableError(message) from None
         if layers is not None:
             config.num_hidden_layers = layers
-        extra = {"rounds": rounds, "refresh": refresh} if runtime != "flops" else {}
-        table = latency_table(
+        table = latency_table(  # a FLOPs table is counted: rounds and refresh do not apply
             config, runtime=runtime, threads=threads, batch_size=batch_size,
-            sequence_length=sequence_length, precision=precision, **extra,
+            sequence_length=sequence_length, precision=precision, rounds=rounds, refresh=refresh,
         )  # fmt: skip
         atomic_write_text(output, table.to_json())
         meta, key = table.meta, table.key
