@@ -94,6 +94,42 @@ def test_bad_benchmark_inputs(tmp_path):
         run_benchmark(tmp_path, engines=("tensorrt",))
 
 
+def test_paired_speedups_alternate_blocks_and_pair_each_ratio(artifacts, tmp_path):
+    """Each pair times both models back to back (ABBA) and its ratio is baseline / candidate of
+    that pair's block medians; a model against itself comes out near 1."""
+    from obert_modifiers.bench import BenchmarkError, paired_speedups
+
+    fp32, int8 = artifacts["fp32"].path, artifacts["int8"].path
+    told = []
+    result = paired_speedups(
+        fp32,
+        {"self": fp32, "int8": int8},
+        sequence_length=32,
+        num_cores=1,
+        pairs=6,
+        block_seconds=0.05,
+        warmup_seconds=0.05,
+        progress=lambda name, paired: told.append((name, len(paired.ratios))),
+    )
+    assert list(result) == ["self", "int8"] and told == [("self", 6), ("int8", 6)]
+    for paired in result.values():
+        assert paired.sequence_length == 32 and paired.batch_size == 1 and paired.num_cores == 1
+        assert len(paired.baseline_ms) == len(paired.candidate_ms) == 6
+        assert paired.ratios == pytest.approx(
+            [b / c for b, c in zip(paired.baseline_ms, paired.candidate_ms, strict=True)]
+        )
+        low, high = paired.quartiles
+        assert 0 < low <= paired.median <= high
+        assert paired.to_dict()["median"] == paired.median
+    assert result["int8"].candidate.endswith("int8-deployment/model.onnx")
+    assert 0.5 < result["self"].median < 2.0
+
+    with pytest.raises(BenchmarkError, match="pairs must be >= 1"):
+        paired_speedups(fp32, {"x": int8}, pairs=0)
+    with pytest.raises(BenchmarkError, match="does not exist"):
+        paired_speedups(fp32, {"x": tmp_path / "nope"})
+
+
 @pytest.mark.integration
 def test_stock_deepsparse_benchmark_runs_on_the_folder_model(artifacts):
     from obert_modifiers.bench import run_deepsparse_benchmark_cli

@@ -10,8 +10,10 @@ from obert_modifiers.bench.runner import (
     ENGINES,
     BenchmarkError,
     BenchmarkResult,
+    PairedSpeedup,
     engine_available,
     make_inputs,
+    paired_speedups,
     run_benchmark,
     run_deepsparse_benchmark_cli,
 )
@@ -21,7 +23,9 @@ __all__ = [
     "BenchmarkError",
     "BenchmarkResult",
     "engine_available",
+    "PairedSpeedup",
     "make_inputs",
+    "paired_speedups",
     "run_benchmark",
     "run_deepsparse_benchmark_cli",
 ]

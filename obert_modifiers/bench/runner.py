@@ -37,6 +37,8 @@ __all__ = [
     "engine_path",
     "int8_form_of",
     "make_inputs",
+    "PairedSpeedup",
+    "paired_speedups",
     "run_benchmark",
     "run_deepsparse_benchmark_cli",
     "task_of",
@@ -355,7 +357,7 @@ def _load() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
-def _run_onnxruntime(onnx_path: Path, inputs, num_cores, seconds, warmup, path: dict) -> list[float]:
+def _ort_session(onnx_path: Path, num_cores: int | None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -364,7 +366,11 @@ def _run_onnxruntime(onnx_path: Path, inputs, num_cores, seconds, warmup, path: 
     options.inter_op_num_threads = 1
     if num_cores:
         options.intra_op_num_threads = int(num_cores)
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+def _run_onnxruntime(onnx_path: Path, inputs, num_cores, seconds, warmup, path: dict) -> list[float]:
+    session = _ort_session(onnx_path, num_cores)
     path["providers"] = list(session.get_providers())
     return _time_calls(lambda: session.run(None, inputs), seconds, warmup)
 
@@ -461,6 +467,121 @@ def run_benchmark(
             )
             results[engine].path = path
     return [results[e] for e in engines]
+
+
+@dataclass
+class PairedSpeedup:
+    """How much faster ``candidate`` runs than ``baseline`` on ONNX Runtime, timed in alternating
+    short blocks: per pair, the baseline's median call time over the candidate's."""
+
+    baseline: str
+    candidate: str
+    batch_size: int
+    sequence_length: int
+    num_cores: int | None
+    ratios: list[float]
+    baseline_ms: list[float]
+    candidate_ms: list[float]
+    load_average_1m: float | None = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.ratios)
+
+    @property
+    def quartiles(self) -> tuple[float, float]:
+        if len(self.ratios) < 2:
+            return self.ratios[0], self.ratios[0]
+        q1, _, q3 = statistics.quantiles(self.ratios, n=4, method="inclusive")
+        return q1, q3
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "median": self.median, "quartiles": list(self.quartiles)}
+
+
+def _block_median(call, seconds: float, min_calls: int = 3) -> float:
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < min_calls:
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+def paired_speedups(
+    baseline_dir: str | os.PathLike,
+    candidates: dict[str, str | os.PathLike],
+    batch_size: int = 1,
+    sequence_length: int = 128,
+    num_cores: int | None = None,
+    pairs: int = 20,
+    block_seconds: float = 0.25,
+    warmup_seconds: float = 0.5,
+    progress: Any = None,
+) -> dict[str, PairedSpeedup]:
+    """Speed-up of each candidate deployment over ``baseline_dir`` on ONNX Runtime.
+
+    A machine's speed drifts (a shared VM's slow spells last minutes), so timings of two models taken
+    minutes apart compare the machine as much as the models. Here each pair times the baseline and
+    the candidate in blocks of ``block_seconds``, back to back, in ABBA order (baseline first in even
+    pairs), and the ratio of the two block medians is the pair's speed-up; a slow spell longer than a
+    pair cancels out. Both run on the same synthetic batch (``make_inputs``, same seed). ``progress``
+    (a callable) is told each finished candidate.
+    """
+    if pairs < 1 or block_seconds <= 0:
+        raise BenchmarkError(f"pairs must be >= 1 and block_seconds > 0, got {pairs}, {block_seconds}")
+    reason = engine_available("onnxruntime")
+    if reason:
+        raise BenchmarkError(f"paired speed-ups run on ONNX Runtime: {reason}")
+    folders = {"baseline": Path(baseline_dir), **{k: Path(v) for k, v in candidates.items()}}
+    runs = {}
+    for name, folder in folders.items():
+        source = _model_path(folder)
+        _check_sequence_length(source.parent, sequence_length)
+        inputs = make_inputs(
+            source,
+            batch_size,
+            sequence_length,
+            _vocab_size(source.parent),
+            task=task_of(source.parent),
+            special_ids=_special_ids(source.parent),
+        )
+        runs[name] = (source, inputs)
+
+    def runner(name: str):
+        source, inputs = runs[name]
+        session = _ort_session(source, num_cores)
+        call = lambda: session.run(None, inputs)  # noqa: E731
+        _time_calls(call, 0.0, warmup_seconds, min_iterations=1)
+        return call
+
+    base_call = runner("baseline")
+    out: dict[str, PairedSpeedup] = {}
+    for name in candidates:
+        call = runner(name)
+        load = _load()
+        base_ms, cand_ms = [], []
+        for index in range(pairs):
+            order = (base_call, call) if index % 2 == 0 else (call, base_call)
+            first, second = (_block_median(c, block_seconds) for c in order)
+            base, cand = (first, second) if index % 2 == 0 else (second, first)
+            base_ms.append(base)
+            cand_ms.append(cand)
+        out[name] = PairedSpeedup(
+            baseline=str(runs["baseline"][0]),
+            candidate=str(runs[name][0]),
+            batch_size=batch_size,
+            sequence_length=sequence_length,
+            num_cores=num_cores,
+            ratios=[b / c for b, c in zip(base_ms, cand_ms, strict=True)],
+            baseline_ms=base_ms,
+            candidate_ms=cand_ms,
+            load_average_1m=load,
+        )
+        if progress is not None:
+            progress(name, out[name])
+    return out
 
 
 def run_deepsparse_benchmark_cli(
