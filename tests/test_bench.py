@@ -205,13 +205,21 @@ def test_benchmark_cli_table_speedup_and_json(artifacts, tmp_path):
             "0.05",
             "--baseline",
             str(artifacts["fp32"].path),
+            "--pairs",
+            "3",
             "--json",
             str(out),
         ],
     )
     assert result.exit_code == 0, result.output
     assert "onnxruntime" in result.output and "speedup" in result.output
+    assert "paired ORT speedup vs baseline" in result.output
     data = json.loads(out.read_text())
+    paired = data["paired_onnxruntime"]
+    assert len(paired["ratios"]) == 3 and paired["sequence_length"] == 16
+    assert paired["candidate"].startswith(str(artifacts["int8"].path))
+    bad = CliRunner().invoke(_build(), ["benchmark", str(artifacts["int8"].path), "--pairs", "2"])
+    assert bad.exit_code == 1 and "--pairs 2: give a count >= 1 together with --baseline" in bad.output
     (row,) = data["results"]
     assert row["engine"] == "onnxruntime" and row["median_ms"] > 0
     assert row["speedup_same_engine"] > 0 and row["speedup_vs_baseline_onnxruntime"] > 0

@@ -1,5 +1,5 @@
 """``obert benchmark DEPLOYMENT_DIR [--engine E]... [--batch-size] [--sequence-length] [--num-cores]
-[--seconds] [--baseline DIR] [--json FILE]``."""
+[--seconds] [--baseline DIR [--pairs N]] [--json FILE]``."""
 
 from __future__ import annotations
 
@@ -58,6 +58,12 @@ def register(app: typer.Typer) -> None:
         baseline: Path | None = typer.Option(
             None, "--baseline", help="Reference deployment folder for the speedup column"
         ),
+        pairs: int = typer.Option(
+            0,
+            "--pairs",
+            help="With --baseline: also time the ORT speed-up in N pairs of back-to-back 0.25 s blocks "
+            "(ABBA), robust to the machine's slow spells",
+        ),
         json_path: Path | None = typer.Option(
             None, "--json", help="Also write the results to this JSON file"
         ),
@@ -77,9 +83,11 @@ def register(app: typer.Typer) -> None:
             seconds=seconds,
             warmup_seconds=warmup,
         )
-        if json_path is not None and json_path.is_dir():
-            from obert_modifiers.bench.runner import BenchmarkError
+        from obert_modifiers.bench.runner import BenchmarkError
 
+        if pairs < 0 or (pairs and baseline is None):
+            raise BenchmarkError(f"--pairs {pairs}: give a count >= 1 together with --baseline DIR")
+        if json_path is not None and json_path.is_dir():
             raise BenchmarkError(
                 f"--json {json_path} is a folder; name a file, e.g. {json_path / 'bench.json'}"
             )
@@ -123,12 +131,31 @@ def register(app: typer.Typer) -> None:
             table.add_row(*row)
             rows.append(record)
         Console(width=140).print(table)
+        paired = None
+        if pairs:
+            from obert_modifiers.bench import paired_speedups
+
+            paired = paired_speedups(
+                baseline,
+                {"candidate": deployment_dir},
+                batch_size=batch_size,
+                sequence_length=seq,
+                num_cores=num_cores,
+                pairs=pairs,
+                warmup_seconds=warmup,
+            )["candidate"]
+            low, high = paired.quartiles
+            typer.echo(
+                f"paired ORT speedup vs baseline: {paired.median:.2f}x (quartiles {low:.2f}-{high:.2f}, "
+                f"{pairs} pairs of 0.25 s blocks)"
+            )
         if json_path is not None:
             payload = {
                 "deployment": str(deployment_dir),
                 "baseline": str(baseline) if baseline else None,
                 "results": rows,
                 "baseline_results": [r.to_dict() for r in base],
+                "paired_onnxruntime": paired.to_dict() if paired else None,
             }
             _write_json(json_path, payload)
             typer.echo(f"wrote {json_path}")
