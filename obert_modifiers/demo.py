@@ -39,8 +39,11 @@ from obert_modifiers.runs.stock import STOCK_SCRIPT, StockRunError, offline_env,
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "recipes" / "demo.yaml"  # package data
 
 # Training budget (measured, see docs/cli.md): MiniLM-L6, seq 64, batch 16.
-FULL = {"max_train": 2000, "max_eval": 300, "max_seq_length": 64, "bench_seconds": 5.0}
-QUICK = {"max_train": 64, "max_eval": 32, "max_seq_length": 64, "bench_seconds": 0.5}
+# pairs / pair_seconds: the paired ORT speed-up over the dense reference (bench.paired_speedups)
+FULL = {"max_train": 2000, "max_eval": 300, "max_seq_length": 64, "bench_seconds": 5.0, "pairs": 20,
+        "pair_seconds": 0.25}  # fmt: skip
+QUICK = {"max_train": 64, "max_eval": 32, "max_seq_length": 64, "bench_seconds": 0.5, "pairs": 4,
+         "pair_seconds": 0.05}  # fmt: skip
 EXPORT_SEQUENCE_LENGTH = 128
 ENGINES = ("deepsparse", "onnxruntime")
 
@@ -191,7 +194,32 @@ def _step_dense_reference(run: DemoRun) -> None:
     )
     model.save_pretrained(dense_dir, safe_serialization=False)
     AutoTokenizer.from_pretrained(base).save_pretrained(dense_dir)
-    run.results["dense_bench"] = _benchmark(run, _export(dense_dir, run.work / "dense-deployment").path)
+    dense_deployment = _export(dense_dir, run.work / "dense-deployment").path
+    run.results["dense_bench"] = _benchmark(run, dense_deployment)
+    if "onnxruntime" in run.engines:
+        run.results["paired"] = _paired(run, dense_deployment, run.results["export"].path)
+
+
+def _paired(run: DemoRun, dense: Path, deployment: Path) -> dict:
+    """The model's ORT speed-up over the dense reference, the two timed in alternating short blocks
+    (the separate timings above run minutes apart, and a slow spell of the machine moves their ratio)."""
+    from obert_modifiers.bench import paired_speedups
+
+    run.console.print(
+        f"paired ORT speed-up: {run.settings['pairs']} pairs of {run.settings['pair_seconds']:g} s blocks"
+    )
+    try:
+        paired = paired_speedups(
+            dense, {"model": deployment}, batch_size=1, sequence_length=EXPORT_SEQUENCE_LENGTH,
+            pairs=run.settings["pairs"], block_seconds=run.settings["pair_seconds"],
+            warmup_seconds=min(0.5, run.settings["pair_seconds"]),
+        )["model"].to_dict()  # fmt: skip
+    except Exception as error:  # noqa: BLE001
+        raise DemoError(f"paired timing of {deployment} against {dense} failed: {error}") from error
+    # relative to the output folder (the run is built in a staging folder, then renamed)
+    for side in ("baseline", "candidate"):
+        paired[side] = str(Path(paired[side]).relative_to(run.work))
+    return paired
 
 
 def _step_hub(run: DemoRun) -> None:
@@ -429,6 +457,8 @@ def _summary(run: DemoRun) -> dict:
         },
         "benchmark": [r.to_dict() for r in results["bench"]],
         "benchmark_dense_reference": [r.to_dict() for r in results["dense_bench"]],
+        # the ORT speed-up over the dense reference from alternating blocks (None without ORT)
+        "speedup_paired_onnxruntime": results.get("paired"),
         # relative to the output folder (the run is built in a staging folder, then renamed)
         "hub": {
             "stub": results["hub"]["stub"],
@@ -529,6 +559,15 @@ def print_summary(summary: dict, out_dir: Path, console: Any) -> None:
             f"{row['median_ms']:.2f} ms",
             f"median, p90 {row.get('p90_ms', float('nan')):.2f} ms, batch {row.get('batch_size')}, "
             f"seq {row.get('sequence_length')}; {versus}",
+        )
+    paired = summary.get("speedup_paired_onnxruntime")
+    if paired:
+        low, high = paired["quartiles"]
+        table.add_row(
+            "measured speed-up (ORT, paired)",
+            f"{paired['median']:.2f}x",
+            f"dense FP32 / this model, median of {len(paired['ratios'])} back-to-back block pairs "
+            f"(quartiles {low:.2f}-{high:.2f}x)",
         )
     if summary.get("hub"):
         table.add_row("hub round trip", "ok", summary["hub"]["stub"])

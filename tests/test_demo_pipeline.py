@@ -64,6 +64,11 @@ def test_demo_quick_end_to_end(tmp_path):
     dense = {row["engine"]: row for row in summary["benchmark_dense_reference"]}
     assert dense["onnxruntime"]["median_ms"] > 0
     assert (out / "dense-deployment" / "model.onnx").is_file()
+    paired = summary["speedup_paired_onnxruntime"]  # dense and the model in alternating blocks
+    assert len(paired["ratios"]) == 4 and paired["median"] > 0
+    assert paired["baseline"] == "dense-deployment/model.onnx"
+    assert paired["candidate"] == "deployment/model.onnx"
+    assert "measured speed-up (ORT, paired)" in result.stdout
     # published to a loopback hub with a card, pulled back by stub (sha256 checked by the round trip)
     stub = summary["hub"]["stub"]
     assert stub.endswith("/rotten_tomatoes/structured3x_quant-none") and summary["hub"]["files"] > 5
