@@ -396,7 +396,8 @@ def plot(payload: dict, speedups: dict, path: Path) -> None:
     ax.axhline(0.97, color="grey", linestyle=":", linewidth=1)
     ax.axvline(3.0, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel(
-        f"speed-up over dense FP32 on ONNX Runtime (batch 1, seq 128, {payload['threads']} threads)"
+        f"{'paired ' if payload.get('paired') else ''}speed-up over dense FP32 on ONNX Runtime "
+        f"(batch 1, seq 128, {payload['threads']} threads)"
     )
     ax.set_ylabel("recovery (test accuracy / teacher's)")
     ax.set_title(

@@ -305,14 +305,10 @@ def _export(module, inputs: dict, path: Path) -> None:
 
 
 def _session(path: Path, threads: int):
-    import onnxruntime as ort
+    """The session ``obert benchmark`` times with (all graph optimizations, sequential execution)."""
+    from obert_modifiers.bench.runner import ort_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort_session(path, threads)
 
 
 def _graph_inputs(path: Path) -> list[str]:

@@ -37,6 +37,7 @@ __all__ = [
     "engine_path",
     "int8_form_of",
     "make_inputs",
+    "ort_session",
     "PairedSpeedup",
     "paired_speedups",
     "run_benchmark",
@@ -357,7 +358,9 @@ def _load() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
-def _ort_session(onnx_path: Path, num_cores: int | None):
+def ort_session(onnx_path: Path, num_cores: int | None):
+    """An ONNX Runtime CPU session as every timing here uses it: all graph optimizations, sequential
+    execution, ``num_cores`` intra-op threads (None: ORT's default, all cores)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -370,7 +373,7 @@ def _ort_session(onnx_path: Path, num_cores: int | None):
 
 
 def _run_onnxruntime(onnx_path: Path, inputs, num_cores, seconds, warmup, path: dict) -> list[float]:
-    session = _ort_session(onnx_path, num_cores)
+    session = ort_session(onnx_path, num_cores)
     path["providers"] = list(session.get_providers())
     return _time_calls(lambda: session.run(None, inputs), seconds, warmup)
 
@@ -551,7 +554,7 @@ def paired_speedups(
 
     def runner(name: str):
         source, inputs = runs[name]
-        session = _ort_session(source, num_cores)
+        session = ort_session(source, num_cores)
         call = lambda: session.run(None, inputs)  # noqa: E731
         _time_calls(call, 0.0, warmup_seconds, min_iterations=1)
         return call
