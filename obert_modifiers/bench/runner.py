@@ -217,6 +217,11 @@ def _time_calls(call, seconds: float, warmup_seconds: float, min_iterations: int
     call()  # at least one warm-up call: first calls allocate
     while time.perf_counter() < deadline:
         call()
+    return _timed_calls(call, seconds, min_iterations)
+
+
+def _timed_calls(call, seconds: float, min_iterations: int) -> list[float]:
+    """Milliseconds of each call, for ``seconds`` and at least ``min_iterations`` calls."""
     times: list[float] = []
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(times) < min_iterations:
@@ -503,13 +508,7 @@ class PairedSpeedup:
 
 
 def _block_median(call, seconds: float, min_calls: int = 3) -> float:
-    times: list[float] = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(times) < min_calls:
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+    return statistics.median(_timed_calls(call, seconds, min_calls))
 
 
 def paired_speedups(
