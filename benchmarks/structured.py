@@ -359,7 +359,6 @@ def _speedups(payload: dict) -> dict[str, dict[str, Any]]:
             entry["paired"], entry["pairs"] = paired[row["model"]]["median"], paired[row["model"]]["ratios"]
         else:
             entry["paired"], entry["pairs"] = None, []
-        entry["headline"] = entry["paired"] if paired else None
         for length in LENGTHS:
             dense = pipeline.median_ms(timings, "dense", "onnxruntime", 1, length, threads)
             mine = pipeline.median_ms(timings, row["model"], "onnxruntime", 1, length, threads)
@@ -369,8 +368,7 @@ def _speedups(payload: dict) -> dict[str, dict[str, Any]]:
                 ("dense", "onnxruntime", 1, length, threads),
                 (row["model"], "onnxruntime", 1, length, threads),
             )
-        if entry["headline"] is None:
-            entry["headline"] = entry["s128"]
+        entry["headline"] = entry["paired"] if paired and entry["paired"] is not None else entry["s128"]
         out[row["model"]] = entry
     return out
 

@@ -304,13 +304,6 @@ def _export(module, inputs: dict, path: Path) -> None:
         )
 
 
-def _session(path: Path, threads: int):
-    """The session ``obert benchmark`` times with (all graph optimizations, sequential execution)."""
-    from obert_modifiers.bench.runner import ort_session
-
-    return ort_session(path, threads)
-
-
 def _graph_inputs(path: Path) -> list[str]:
     """The graph's input names in order (a stand-in ignores the mask and the exporter drops it)."""
     import onnx
@@ -334,7 +327,9 @@ def _runner(runtime: str, path: Path, feed: dict, threads: int, batch_size: int)
             input_shapes=[list(a.shape) for a in arrays],
         )
         return lambda: engine.run(arrays)
-    session = _session(path, threads)
+    from obert_modifiers.bench.runner import ort_session  # the session `obert benchmark` times with
+
+    session = ort_session(path, threads)
     named = dict(zip(names, arrays, strict=True))
     return lambda: session.run(None, named)
 

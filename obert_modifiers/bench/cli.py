@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
         pairs: int = typer.Option(
             0,
             "--pairs",
-            help="With --baseline: also time the ORT speed-up in N pairs of back-to-back 0.25 s blocks "
+            help="With --baseline: also time the ORT speed-up in N pairs of back-to-back short blocks "
             "(ABBA), robust to the machine's slow spells",
         ),
         json_path: Path | None = typer.Option(
@@ -133,7 +133,7 @@ def register(app: typer.Typer) -> None:
         Console(width=140).print(table)
         paired = None
         if pairs:
-            from obert_modifiers.bench import paired_speedups
+            from obert_modifiers.bench.runner import PAIR_BLOCK_SECONDS, paired_speedups
 
             paired = paired_speedups(
                 baseline,
@@ -147,7 +147,7 @@ def register(app: typer.Typer) -> None:
             low, high = paired.quartiles
             typer.echo(
                 f"paired ORT speedup vs baseline: {paired.median:.2f}x (quartiles {low:.2f}-{high:.2f}, "
-                f"{pairs} pairs of 0.25 s blocks)"
+                f"{pairs} pairs of {PAIR_BLOCK_SECONDS:g} s blocks)"
             )
         if json_path is not None:
             payload = {

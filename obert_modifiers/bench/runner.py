@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 ENGINES = ("deepsparse", "onnxruntime")
+PAIR_BLOCK_SECONDS = 0.25  # paired_speedups: one block of calls, short against the machine's slow spells
 
 
 class BenchmarkError(ObertError, RuntimeError):
@@ -212,12 +213,30 @@ def make_inputs(
     return inputs
 
 
-def _time_calls(call, seconds: float, warmup_seconds: float, min_iterations: int = 5) -> list[float]:
-    deadline = time.perf_counter() + warmup_seconds
+def _warm_up(call, seconds: float) -> None:
+    deadline = time.perf_counter() + seconds
     call()  # at least one warm-up call: first calls allocate
     while time.perf_counter() < deadline:
         call()
+
+
+def _time_calls(call, seconds: float, warmup_seconds: float, min_iterations: int = 5) -> list[float]:
+    _warm_up(call, warmup_seconds)
     return _timed_calls(call, seconds, min_iterations)
+
+
+def _folder_inputs(source: Path, batch_size: int, sequence_length: int) -> dict[str, Any]:
+    """``make_inputs`` for a deployment's ``model.onnx``, with its folder's vocabulary size, task and
+    special token ids."""
+    folder = source.parent
+    return make_inputs(
+        source,
+        batch_size,
+        sequence_length,
+        _vocab_size(folder),
+        task=task_of(folder),
+        special_ids=_special_ids(folder),
+    )
 
 
 def _timed_calls(call, seconds: float, min_iterations: int) -> list[float]:
@@ -429,14 +448,7 @@ def run_benchmark(
 
     results: dict[str, BenchmarkResult] = {}
     with tempfile.TemporaryDirectory(prefix="obert-bench-") as scratch:
-        inputs = make_inputs(
-            source,
-            batch_size,
-            sequence_length,
-            _vocab_size(folder),
-            task=task_of(folder),
-            special_ids=_special_ids(folder),
-        )
+        inputs = _folder_inputs(source, batch_size, sequence_length)
         for engine in sorted(engines, key=lambda e: e != "onnxruntime"):
             reason = engine_available(engine)
             if reason:
@@ -518,7 +530,7 @@ def paired_speedups(
     sequence_length: int = 128,
     num_cores: int | None = None,
     pairs: int = 20,
-    block_seconds: float = 0.25,
+    block_seconds: float = PAIR_BLOCK_SECONDS,
     warmup_seconds: float = 0.5,
     progress: Any = None,
 ) -> dict[str, PairedSpeedup]:
@@ -541,21 +553,13 @@ def paired_speedups(
     for name, folder in folders.items():
         source = _model_path(folder)
         _check_sequence_length(source.parent, sequence_length)
-        inputs = make_inputs(
-            source,
-            batch_size,
-            sequence_length,
-            _vocab_size(source.parent),
-            task=task_of(source.parent),
-            special_ids=_special_ids(source.parent),
-        )
-        runs[name] = (source, inputs)
+        runs[name] = (source, _folder_inputs(source, batch_size, sequence_length))
 
     def runner(name: str):
         source, inputs = runs[name]
         session = ort_session(source, num_cores)
         call = lambda: session.run(None, inputs)  # noqa: E731
-        _time_calls(call, 0.0, warmup_seconds, min_iterations=1)
+        _warm_up(call, warmup_seconds)
         return call
 
     base_call = runner("baseline")
